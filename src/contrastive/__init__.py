@@ -1,0 +1,1 @@
+"""Contrastive representation learning pipeline."""

@@ -1,0 +1,200 @@
+"""Typed, validated configuration read from ``params.yaml``.
+
+Every stage reads the same file through :func:`load_params`. Validation happens before any work,
+and a bad value becomes one :class:`ConfigError` line that names the key and what is allowed, so
+the CLI can print it and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+
+ENCODERS = ("small_cnn", "resnet18_cifar", "resnet18", "resnet34", "resnet50")
+SOURCES = ("digits", "cifar10", "stl10", "npz", "imagefolder")
+
+
+class ConfigError(ValueError):
+    """Bad params or input: one line naming the key or file and what is allowed."""
+
+
+class StageFailed(RuntimeError):
+    """A stage ran but its result failed a check (diverged loss, ONNX parity): one line, exit 1."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    """Where the images come from and how they are split (stage ``prepare``)."""
+
+    source: Literal["digits", "cifar10", "stl10", "npz", "imagefolder"] = "digits"
+    path: str | None = None
+    test_path: str | None = None
+    download: bool = False
+    image_size: Annotated[int, Field(ge=8, le=512)] = 16
+    val_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.1
+    test_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.2
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> DataConfig:
+        if self.source in ("npz", "imagefolder") and not self.path:
+            raise ValueError(f"data.path is required when data.source is '{self.source}'")
+        if self.test_path and self.source != "npz":
+            raise ValueError("data.test_path is only used with data.source 'npz'")
+        return self
+
+
+class ModelConfig(_Section):
+    """The encoder and the projection head (stage ``pretrain``)."""
+
+    encoder: Literal["small_cnn", "resnet18_cifar", "resnet18", "resnet34", "resnet50"] = (
+        "small_cnn"
+    )
+    width: Annotated[int, Field(ge=4, le=512)] = 32
+    projection_hidden_dim: Annotated[int, Field(ge=8)] = 256
+    projection_dim: Annotated[int, Field(ge=2)] = 64
+
+
+class AugmentConfig(_Section):
+    """Random views, drawn independently for every image (SimCLR's recipe by default)."""
+
+    crop_scale: tuple[Probability, Probability] = (0.2, 1.0)
+    crop_ratio: tuple[PositiveFloat, PositiveFloat] = (0.75, 4 / 3)
+    hflip: Probability = 0.5
+    jitter_prob: Probability = 0.8
+    brightness: NonNegativeFloat = 0.4
+    contrast: NonNegativeFloat = 0.4
+    saturation: NonNegativeFloat = 0.4
+    hue: Annotated[float, Field(ge=0, le=0.5)] = 0.1
+    grayscale_prob: Probability = 0.2
+    blur_prob: Probability = 0.0
+    blur_sigma: tuple[PositiveFloat, PositiveFloat] = (0.1, 2.0)
+
+    @model_validator(mode="after")
+    def _ordered_ranges(self) -> AugmentConfig:
+        for key in ("crop_scale", "crop_ratio", "blur_sigma"):
+            low, high = getattr(self, key)
+            if low > high:
+                raise ValueError(f"augment.{key} must be [low, high] with low <= high")
+        if self.crop_scale[0] <= 0:
+            raise ValueError("augment.crop_scale low end must be > 0")
+        return self
+
+
+class TrainConfig(_Section):
+    """Contrastive pretraining: method, optimiser, schedule and precision."""
+
+    method: Literal["simclr"] = "simclr"
+    epochs: Annotated[int, Field(ge=1, le=10_000)] = 60
+    batch_size: Annotated[int, Field(ge=2)] = 256
+    optimizer: Literal["sgd", "adamw", "lars"] = "sgd"
+    lr: PositiveFloat = 0.3
+    """Learning rate for a batch of 256; the used rate is ``lr * batch_size / 256``."""
+    weight_decay: NonNegativeFloat = 1e-4
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    warmup_epochs: Annotated[int, Field(ge=0)] = 5
+    temperature: PositiveFloat = 0.2
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    compile: bool = False
+    knn_every: Annotated[int, Field(ge=0)] = 5
+    """Run the kNN monitor on the validation split every N epochs (0: never)."""
+
+
+class ProbeConfig(_Section):
+    """Frozen-feature evaluation (stage ``probe``)."""
+
+    weight_decays: list[NonNegativeFloat] = Field(
+        default_factory=lambda: [0.0, 1e-5, 1e-4, 1e-3, 1e-2], min_length=1
+    )
+    max_iter: Annotated[int, Field(ge=1)] = 200
+    knn_k: Annotated[int, Field(ge=1)] = 200
+    knn_temperature: PositiveFloat = 0.1
+    batch_size: Annotated[int, Field(ge=1)] = 512
+
+
+class ExportConfig(_Section):
+    """ONNX export and its checks against torch (stage ``export``)."""
+
+    opset: Annotated[int, Field(ge=18, le=23)] = 20
+    atol: PositiveFloat = 1e-4
+    latency_repeats: Annotated[int, Field(ge=1)] = 20
+
+
+class Params(_Section):
+    """The whole of ``params.yaml``."""
+
+    seed: Annotated[int, Field(ge=0)] = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    augment: AugmentConfig = AugmentConfig()
+    train: TrainConfig = TrainConfig()
+    probe: ProbeConfig = ProbeConfig()
+    export: ExportConfig = ExportConfig()
+
+
+def _describe(error: dict[str, Any], where: str) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        section: type[BaseModel] = Params
+        for part in error["loc"][:-1]:
+            section = section.model_fields[str(part)].annotation  # type: ignore[assignment]
+        allowed = ", ".join(section.model_fields)
+        return f"{where}: unknown key '{key}'; allowed here: {allowed}"
+    message = error["msg"].removeprefix("Value error, ")
+    if kind == "value_error":
+        return f"{where}: {message}"
+    return f"{where}: {key}: {message} (got {error.get('input')!r})"
+
+
+def parse_params(raw: dict[str, Any] | None, where: str = "params.yaml") -> Params:
+    """Validate a parsed params mapping; raise :class:`ConfigError` naming the first bad key."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc.errors()[0], where)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping of sections, got {type(raw).__name__}")
+    return parse_params(raw, str(path))
+
+
+def flatten(params: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 0.3}}`` -> ``{"train.lr": 0.3}``, for logging and hashing."""
+    items = params.model_dump(mode="json") if isinstance(params, BaseModel) else params
+    flat: dict[str, Any] = {}
+    for key, value in items.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def params_hash(*sections: BaseModel | dict[str, Any]) -> str:
+    """A short, stable hash of the given sections' values."""
+    payload = json.dumps([flatten(s) for s in sections], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -1,0 +1,483 @@
+"""The ``prepare`` stage: load a source, clean it, split it, write the prepared format.
+
+Every source (``digits``, ``cifar10``, ``stl10``, ``npz``, ``imagefolder``) becomes the same
+thing: images resized to ``image_size`` x ``image_size`` RGB, exact duplicates dropped so that no
+image can land in two splits, and a stratified, seeded train/val/test split in which every class
+appears in every split. The output directory holds::
+
+    train.npz, val.npz, test.npz   x uint8 (N, H, W, 3), y int64 (N,)
+    manifest.json                  classes, counts, train mean/std, content hashes, what was dropped
+
+Outputs are deterministic (no timestamps, uncompressed ``np.savez``), so the same params give
+byte-identical files and ``data_hash`` identifies the prepared data downstream. The directory is
+built beside its target and renamed into place at the end: a failure leaves an earlier good
+output untouched. Bad params or files raise :class:`~contrastive.config.ConfigError` with one
+line naming the key or file, before any heavy work where possible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from contrastive.config import ConfigError, DataConfig
+from contrastive.files import atomic_path, write_json
+
+SPLITS = ("train", "val", "test")
+
+_NPZ_HELP = "give an .npz file with x uint8 (N,H,W,C) and y int (N,)"
+_FOLDER_HELP = (
+    "give a folder with one sub-folder of images per class, "
+    "or train/ and test/ each holding class sub-folders"
+)
+_TORCHVISION_FOLDERS = {"cifar10": "cifar-10-batches-py", "stl10": "stl10_binary"}
+
+
+@dataclass
+class _Loaded:
+    """Images as a source delivers them, already converted to the prepared size and RGB."""
+
+    x: np.ndarray  # uint8 (N, S, S, 3)
+    y: np.ndarray  # int64 (N,), values in 0..len(classes)-1
+    classes: list[str]
+    is_test: np.ndarray | None = None  # bool (N,): the source's own test split; None if it has none
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+# --- public API ---------------------------------------------------------------------------------
+
+
+def prepare(
+    cfg: DataConfig,
+    seed: int,
+    out_dir: str | Path = "data/prepared",
+    raw_dir: str | Path = "data/raw",
+) -> dict[str, Any]:
+    """Load ``cfg.source``, clean and split it, write ``out_dir``; return the manifest.
+
+    ``raw_dir`` is where cifar10/stl10 live when ``cfg.path`` is not set. ``seed`` alone decides
+    the split. Raises :class:`ConfigError` for bad params or input; ``out_dir`` is then left as it
+    was.
+    """
+    loaded = _LOADERS[cfg.source](cfg, Path(raw_dir))
+    where = f"data.path: {cfg.path}" if cfg.path else f"data.source: {cfg.source}"
+
+    keep, duplicates = _deduplicate(loaded.x, loaded.y)
+    x, y = loaded.x[keep], loaded.y[keep]
+    is_test = None if loaded.is_test is None else loaded.is_test[keep]
+    _check_classes(y, is_test, loaded.classes, where)
+
+    indices = _split(y, is_test, cfg, seed, loaded.classes)
+    arrays = {name: (x[idx], y[idx]) for name, idx in indices.items()}
+    manifest = _manifest(cfg, seed, loaded, arrays, duplicates, test_given=is_test is not None)
+
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        for name, (split_x, split_y) in arrays.items():
+            np.savez(tmp / f"{name}.npz", x=split_x, y=split_y)
+        write_json(tmp / "manifest.json", manifest)
+    return manifest
+
+
+def load_split(prepared_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read one prepared split: ``x`` uint8 (N, H, W, 3) and ``y`` int64 (N,)."""
+    if split not in SPLITS:
+        raise ConfigError(f"split '{split}' unknown; allowed: {', '.join(SPLITS)}")
+    path = Path(prepared_dir) / f"{split}.npz"
+    if not path.is_file():
+        raise ConfigError(f"{path}: prepared split not found; run the prepare stage first")
+    with np.load(path, allow_pickle=False) as npz:
+        x, y = npz["x"], npz["y"]
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] != 3 or y.dtype != np.int64:
+        raise ConfigError(f"{path}: not in the prepared format; run the prepare stage again")
+    return x, y
+
+
+def load_manifest(prepared_dir: str | Path) -> dict[str, Any]:
+    """Read ``manifest.json`` of a prepared directory."""
+    path = Path(prepared_dir) / "manifest.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: prepared manifest not found; run the prepare stage first")
+    return json.loads(path.read_text())
+
+
+# --- sources ------------------------------------------------------------------------------------
+
+
+def _load_digits(cfg: DataConfig, raw_dir: Path) -> _Loaded:
+    """scikit-learn's 1,797 8x8 digits (values 0..16): offline, the default source."""
+    from sklearn.datasets import load_digits  # slow import (~3 s); only this source needs it
+
+    bunch = load_digits()
+    x = np.rint(bunch.images * 255 / 16).astype(np.uint8)
+    y = bunch.target.astype(np.int64)
+    return _Loaded(_standardize(x, cfg.image_size), y, [str(k) for k in range(10)])
+
+
+def _load_torchvision(cfg: DataConfig, raw_dir: Path) -> _Loaded:
+    """CIFAR-10 or STL-10 (labelled part) in torchvision's format; their test split is kept."""
+    root = Path(cfg.path or raw_dir)
+    folder = root / _TORCHVISION_FOLDERS[cfg.source]
+    missing = (
+        f"data.path: {cfg.source} files not found or corrupted in {folder}; "
+        f"set data.download: true, or place the torchvision files under {root}"
+    )
+    if not cfg.download and not folder.is_dir():
+        raise ConfigError(missing)
+    try:
+        train_x, train_y, classes = _open_torchvision(cfg.source, root, False, cfg.download)
+        test_x, test_y, _ = _open_torchvision(cfg.source, root, True, False)
+    except Exception as exc:  # network, archive and integrity errors all mean "no usable files"
+        if not cfg.download:
+            raise ConfigError(missing) from None
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise ConfigError(
+            f"data.download: getting {cfg.source} into {root} failed ({reason}); "
+            f"place the torchvision files under {root}"
+        ) from None
+    x = _standardize(np.concatenate([train_x, test_x]), cfg.image_size)
+    y = np.concatenate([train_y, test_y]).astype(np.int64)
+    is_test = np.repeat([False, True], [len(train_y), len(test_y)])
+    return _Loaded(x, y, classes, is_test)
+
+
+def _open_torchvision(
+    source: str, root: Path, test: bool, download: bool
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """One split of a torchvision dataset as (x uint8 NHWC, y, class names)."""
+    from torchvision import datasets  # slow import; only these sources need it
+
+    if source == "cifar10":
+        cifar = datasets.CIFAR10(root, train=not test, download=download)
+        return np.asarray(cifar.data), np.asarray(cifar.targets), list(cifar.classes)
+    stl = datasets.STL10(root, split="test" if test else "train", download=download)
+    classes = list(getattr(stl, "classes", [])) or [str(k) for k in range(10)]
+    return stl.data.transpose(0, 2, 3, 1), np.asarray(stl.labels), classes
+
+
+def _load_npz(cfg: DataConfig, raw_dir: Path) -> _Loaded:
+    """``data.path`` (and ``data.test_path``, which then becomes the test split) as .npz files."""
+    files = {"data.path": str(cfg.path)}
+    if cfg.test_path:
+        files["data.test_path"] = cfg.test_path
+    read = {key: _read_npz(key, Path(path)) for key, path in files.items()}
+
+    named = [(key, names) for key, (_, _, names) in read.items() if names is not None]
+    if len(named) == 2 and named[0][1] != named[1][1]:
+        raise ConfigError(
+            f"data.test_path: {cfg.test_path}: key 'classes' differs from the one in data.path"
+        )
+    highest = max(int(y.max()) for _, y, _ in read.values())
+    classes = named[0][1] if named else [str(k) for k in range(highest + 1)]
+    for key, (_, y, _) in read.items():
+        if y.max() >= len(classes):
+            raise ConfigError(
+                f"{key}: {files[key]}: key 'y' has label {y.max()}, but 'classes' names only "
+                f"{len(classes)} classes; labels must be 0..{len(classes) - 1}"
+            )
+
+    x = np.concatenate([_standardize(x, cfg.image_size) for x, _, _ in read.values()])
+    y = np.concatenate([y for _, y, _ in read.values()]).astype(np.int64)
+    is_test = None
+    if cfg.test_path:
+        sizes = [len(y) for _, y, _ in read.values()]
+        is_test = np.repeat([False, True], sizes)
+    return _Loaded(x, y, classes, is_test)
+
+
+def _read_npz(key: str, path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """Read and validate one .npz file; errors name the params key, the file and the array."""
+    where = f"{key}: {path}"
+    if not path.is_file():
+        raise ConfigError(f"{where} does not exist; {_NPZ_HELP}")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except Exception as exc:  # zip, format and pickle errors all mean "not a usable .npz"
+        raise ConfigError(
+            f"{where}: not a readable .npz ({type(exc).__name__}); {_NPZ_HELP}"
+        ) from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ConfigError(f"{where}: a single array, not an .npz archive; {_NPZ_HELP}")
+    with npz:
+        for name in ("x", "y"):
+            if name not in npz.files:
+                raise ConfigError(f"{where}: key '{name}' missing (has {npz.files}); {_NPZ_HELP}")
+        try:
+            x, y = npz["x"], npz["y"]
+            names = npz["classes"] if "classes" in npz.files else None
+        except ValueError:  # object arrays need pickle, which is never allowed for input data
+            raise ConfigError(f"{where}: holds pickled objects; {_NPZ_HELP}") from None
+
+    if x.dtype != np.uint8:
+        raise ConfigError(f"{where}: key 'x' has dtype {x.dtype}; it must be uint8 (0..255)")
+    if not (x.ndim == 3 or (x.ndim == 4 and x.shape[3] in (1, 3))) or 0 in x.shape[1:3]:
+        raise ConfigError(
+            f"{where}: key 'x' has shape {x.shape}; allowed: (N,H,W) or (N,H,W,C), C 1 or 3"
+        )
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise ConfigError(
+            f"{where}: key 'y' is {y.dtype} {y.shape}; it must be integer labels (N,)"
+        )
+    if len(x) != len(y):
+        raise ConfigError(f"{where}: keys 'x' and 'y' differ in length ({len(x)} vs {len(y)})")
+    if len(y) == 0:
+        raise ConfigError(f"{where}: key 'x' holds no images; {_NPZ_HELP}")
+    if y.min() < 0:
+        raise ConfigError(f"{where}: key 'y' has label {y.min()}; labels must be 0..K-1")
+
+    classes = None
+    if names is not None:
+        if names.ndim != 1 or names.dtype.kind not in "US":
+            raise ConfigError(f"{where}: key 'classes' must be a 1-D array of strings")
+        classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names.tolist()]
+        if len(set(classes)) != len(classes):
+            raise ConfigError(f"{where}: key 'classes' repeats a name; names must be unique")
+    return x, y, classes
+
+
+def _load_imagefolder(cfg: DataConfig, raw_dir: Path) -> _Loaded:
+    """A folder of class sub-folders, or train/ and test/ each holding class sub-folders."""
+    root = Path(str(cfg.path))
+    if not root.is_dir():
+        raise ConfigError(f"data.path: {root} is not a folder; {_FOLDER_HELP}")
+    top = [p.name for p in _subfolders(root)]
+    if sorted(top) == ["test", "train"]:
+        pools = [root / "train", root / "test"]
+        classes = sorted({p.name for pool in pools for p in _subfolders(pool)})
+    else:
+        pools, classes = [root], top
+
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    in_test: list[bool] = []
+    skipped: list[dict[str, str]] = []
+    for i, pool in enumerate(pools):
+        pool_images, pool_labels = _read_class_folders(pool, root, classes, cfg.image_size, skipped)
+        images += pool_images
+        labels += pool_labels
+        in_test += [i == 1] * len(pool_images)
+    if not images:
+        raise ConfigError(
+            f"data.path: {root} holds no readable image ({len(skipped)} files skipped); "
+            f"{_FOLDER_HELP}"
+        )
+    is_test = np.array(in_test) if len(pools) == 2 else None
+    x = np.stack(images)
+    return _Loaded(x, np.array(labels, dtype=np.int64), classes, is_test, skipped)
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _read_class_folders(
+    folder: Path, root: Path, classes: list[str], size: int, skipped: list[dict[str, str]]
+) -> tuple[list[np.ndarray], list[int]]:
+    """Read every file under ``folder/<class>/``; files that fail to decode go to ``skipped``."""
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and not path.name.startswith("."):
+            skipped.append(
+                {"file": path.relative_to(root).as_posix(), "reason": "not in a class folder"}
+            )
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        class_dir = folder / name
+        if not class_dir.is_dir():
+            continue
+        for path in sorted(class_dir.rglob("*")):
+            hidden = any(part.startswith(".") for part in path.relative_to(class_dir).parts)
+            if hidden or not path.is_file():
+                continue
+            relative = path.relative_to(root).as_posix()
+            try:
+                images.append(_read_image(path, size))
+            except Exception as exc:  # any decoder failure means: skip this file and say why
+                reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+                reason = reason.replace(str(path), relative)
+                skipped.append({"file": relative, "reason": reason})
+                continue
+            labels.append(label)
+    return images, labels
+
+
+def _read_image(path: Path, size: int) -> np.ndarray:
+    """Decode a whole image file (truncated files raise), upright, RGB, resized: uint8 (S, S, 3)."""
+    with Image.open(path) as image:
+        rgb = ImageOps.exif_transpose(image).convert("RGB")
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(rgb)
+
+
+_LOADERS: dict[str, Callable[[DataConfig, Path], _Loaded]] = {
+    "digits": _load_digits,
+    "cifar10": _load_torchvision,
+    "stl10": _load_torchvision,
+    "npz": _load_npz,
+    "imagefolder": _load_imagefolder,
+}
+
+
+# --- cleaning and splitting ---------------------------------------------------------------------
+
+
+def _standardize(x: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, H, W), (N, H, W, 1) or (N, H, W, 3) -> uint8 (N, size, size, 3)."""
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.shape[3] == 1:
+        x = np.repeat(x, 3, axis=3)
+    if x.shape[1:3] == (size, size):
+        return np.ascontiguousarray(x)
+    # PIL's bilinear resize averages over the whole footprint when shrinking (antialiased) and
+    # works in integer arithmetic, so it gives the same bytes on every machine; ~40 us per image.
+    out = np.empty((len(x), size, size, 3), dtype=np.uint8)
+    for i, image in enumerate(x):
+        resized = Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR)
+        out[i] = np.asarray(resized)
+    return out
+
+
+def _deduplicate(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+    """Indices of the first occurrence of each distinct image, and counts of what was dropped.
+
+    Duplicates are byte-identical images (after resizing); the first one is kept even when a
+    later copy carries another label, and those conflicts are counted apart.
+    """
+    first: dict[bytes, int] = {}
+    keep: list[int] = []
+    conflicting = 0
+    for i, image in enumerate(x):
+        j = first.setdefault(hashlib.sha256(image.tobytes()).digest(), i)
+        if j == i:
+            keep.append(i)
+        elif y[j] != y[i]:
+            conflicting += 1
+    removed = {"total": len(x) - len(keep), "conflicting_labels": conflicting}
+    return np.array(keep, dtype=np.int64), removed
+
+
+def _check_classes(
+    y: np.ndarray, is_test: np.ndarray | None, classes: list[str], where: str
+) -> None:
+    """At least two classes, and enough images in each for one in every split."""
+    if len(classes) < 2:
+        raise ConfigError(f"{where}: found {len(classes)} class(es) {classes}; need at least two")
+    counts = np.bincount(y, minlength=len(classes))
+    test_counts = np.bincount(y[is_test], minlength=len(classes)) if is_test is not None else None
+    for k, name in enumerate(classes):
+        if test_counts is None and counts[k] < 3:
+            raise ConfigError(
+                f"{where}: class '{name}' has {counts[k]} images after cleaning (unreadable files "
+                "and duplicates dropped); each class needs at least 3, one per split"
+            )
+        if test_counts is not None and (counts[k] - test_counts[k] < 2 or test_counts[k] < 1):
+            raise ConfigError(
+                f"{where}: class '{name}' has {counts[k] - test_counts[k]} train and "
+                f"{test_counts[k]} test images after cleaning; each class needs at least 2 train "
+                "(train and val) and 1 test image"
+            )
+
+
+def _split(
+    y: np.ndarray, is_test: np.ndarray | None, cfg: DataConfig, seed: int, classes: list[str]
+) -> dict[str, np.ndarray]:
+    """Stratified split: per class, a seeded permutation cut into test, val and train.
+
+    Each split gets at least one image of each class. When the source has its own test split,
+    only val is cut, as ``val_fraction`` of the training pool. Indices come back sorted, so the
+    order inside a split follows the source.
+    """
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in SPLITS}
+    for k, name in enumerate(classes):
+        if is_test is None:
+            pool = rng.permutation(np.flatnonzero(y == k))
+            n_test = max(1, round(len(pool) * cfg.test_fraction))
+        else:
+            pool = rng.permutation(np.flatnonzero((y == k) & ~is_test))
+            n_test = 0
+            parts["test"].append(np.flatnonzero((y == k) & is_test))
+        n_val = max(1, round(len(pool) * cfg.val_fraction))
+        if len(pool) - n_test - n_val < 1:
+            raise ConfigError(
+                f"data.val_fraction, data.test_fraction: {cfg.val_fraction} and "
+                f"{cfg.test_fraction} leave no training image of class '{name}' "
+                f"({len(pool)} images); lower them or add images"
+            )
+        parts["test"].append(pool[:n_test])
+        parts["val"].append(pool[n_test : n_test + n_val])
+        parts["train"].append(pool[n_test + n_val :])
+    return {name: np.sort(np.concatenate(part)) for name, part in parts.items()}
+
+
+# --- manifest -----------------------------------------------------------------------------------
+
+
+def _manifest(
+    cfg: DataConfig,
+    seed: int,
+    loaded: _Loaded,
+    arrays: dict[str, tuple[np.ndarray, np.ndarray]],
+    duplicates: dict[str, int],
+    test_given: bool,
+) -> dict[str, Any]:
+    """Everything downstream needs to know about the prepared data; no timestamps."""
+    classes = loaded.classes
+    counts = {
+        split: dict(zip(classes, np.bincount(y, minlength=len(classes)).tolist(), strict=True))
+        for split, (_, y) in arrays.items()
+    }
+    totals = {split: len(y) for split, (_, y) in arrays.items()}
+    totals["all"] = sum(totals.values())
+    hashes = {
+        split: {"x": _sha256(x), "y": _sha256(y), "shape": list(x.shape)}
+        for split, (x, y) in arrays.items()
+    }
+    identity = json.dumps({"classes": classes, "splits": hashes}, sort_keys=True)
+    mean, std = _channel_stats(arrays["train"][0])
+    return {
+        "source": cfg.source,
+        "image_size": cfg.image_size,
+        "classes": classes,
+        "num_classes": len(classes),
+        "split": {
+            "seed": seed,
+            "val_fraction": cfg.val_fraction,
+            "test_fraction": cfg.test_fraction,
+            "test_from": "source" if test_given else "split",
+        },
+        "counts": counts,
+        "totals": totals,
+        "mean": mean,
+        "std": std,
+        "hashes": hashes,
+        "data_hash": hashlib.sha256(identity.encode()).hexdigest(),
+        "duplicates_removed": duplicates,
+        "skipped": loaded.skipped,
+    }
+
+
+def _sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def _channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] scale, exact (from a 256-bin histogram per channel)."""
+    values = np.arange(256) / 255
+    mean, std = [], []
+    for c in range(3):
+        counts = np.bincount(x[..., c].ravel(), minlength=256)
+        m = counts @ values / counts.sum()
+        v = counts @ (values - m) ** 2 / counts.sum()
+        mean.append(round(float(m), 6))
+        std.append(round(float(np.sqrt(v)), 6))
+    return mean, std

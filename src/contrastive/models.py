@@ -1,0 +1,180 @@
+"""Encoders, the projection head, and the saved-encoder format shared by the stages.
+
+An encoder maps normalised float images ``(N, 3, H, W)`` to embeddings ``(N, D)``; the
+:class:`Preprocess` module turns raw ``uint8`` images ``(N, H, W, 3)`` into that input, so the
+exported model can carry its own preprocessing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from contrastive.config import ModelConfig
+
+
+class SmallCNN(nn.Module):
+    """Six 3x3 conv layers in three stages (two max-pools), then global average pooling.
+
+    About 80 MFLOP for a 32x32 image at ``width=32``; the embedding has ``4 * width`` values.
+    """
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+
+        def block(c_in: int, c_out: int) -> list[nn.Module]:
+            return [
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+            ]
+
+        w = width
+        self.features = nn.Sequential(
+            *block(3, w),
+            *block(w, w),
+            nn.MaxPool2d(2),
+            *block(w, 2 * w),
+            *block(2 * w, 2 * w),
+            nn.MaxPool2d(2),
+            *block(2 * w, 4 * w),
+            *block(4 * w, 4 * w),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.embedding_dim = 4 * w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+def _torchvision_resnet(name: str, cifar_stem: bool) -> nn.Module:
+    """A torchvision ResNet without weights and without its classifier.
+
+    ``cifar_stem`` swaps the 7x7/2 stem and max-pool for one 3x3/1 conv, as in SimCLR's CIFAR
+    experiments, so 32x32 images are not shrunk to 8x8 before the first block.
+    """
+    net = getattr(torchvision.models, name)(weights=None)
+    if cifar_stem:
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    net.embedding_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net
+
+
+def build_encoder(cfg: ModelConfig) -> nn.Module:
+    """The encoder named by ``model.encoder``; it has an ``embedding_dim`` attribute."""
+    if cfg.encoder == "small_cnn":
+        return SmallCNN(cfg.width)
+    if cfg.encoder == "resnet18_cifar":
+        return _torchvision_resnet("resnet18", cifar_stem=True)
+    return _torchvision_resnet(cfg.encoder, cifar_stem=False)
+
+
+class ProjectionHead(nn.Sequential):
+    """SimCLR's MLP head: Linear -> BatchNorm -> ReLU -> Linear. Used in pretraining only."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
+        super().__init__(
+            nn.Linear(in_dim, hidden_dim, bias=False),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, out_dim),
+        )
+
+
+class Preprocess(nn.Module):
+    """Raw images ``uint8 (N, H, W, 3)`` -> normalised ``float32 (N, 3, H, W)``."""
+
+    def __init__(self, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        return (x - self.mean) / self.std
+
+
+def normalize(x01: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """Float images in [0, 1], ``(N, 3, H, W)`` -> normalised with the dataset's mean and std."""
+    m = torch.tensor(mean, dtype=x01.dtype, device=x01.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x01.dtype, device=x01.device).view(1, 3, 1, 1)
+    return (x01 - m) / s
+
+
+@dataclass
+class EncoderInfo:
+    """What a consumer needs to rebuild and feed a saved encoder."""
+
+    model: dict
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    embedding_dim: int
+    classes: list[str]
+    params_hash: str
+    extra: dict = field(default_factory=dict)
+
+
+def save_encoder(path: str | Path, encoder: nn.Module, info: EncoderInfo) -> None:
+    """Write ``{"info", "state_dict"}`` atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+    torch.save({"info": asdict(info), "state_dict": state}, tmp)
+    os.replace(tmp, path)
+
+
+def load_encoder(path: str | Path) -> tuple[nn.Module, EncoderInfo]:
+    """Rebuild a saved encoder (in eval mode, on the CPU) and its :class:`EncoderInfo`."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    info = EncoderInfo(**blob["info"])
+    encoder = build_encoder(ModelConfig(**info.model))
+    encoder.load_state_dict(blob["state_dict"])
+    return encoder.eval(), info
+
+
+class LinearProbe(nn.Module):
+    """A linear classifier on standardised frozen features: ``Linear((f - mean) / std)``."""
+
+    def __init__(self, embedding_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.register_buffer("feature_mean", torch.zeros(embedding_dim))
+        self.register_buffer("feature_std", torch.ones(embedding_dim))
+        self.linear = nn.Linear(embedding_dim, num_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear((features - self.feature_mean) / self.feature_std)
+
+
+def save_probe(path: str | Path, probe: LinearProbe) -> None:
+    """Write a probe atomically as ``{"embedding_dim", "num_classes", "state_dict"}``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    dim, classes = probe.linear.in_features, probe.linear.out_features
+    torch.save(
+        {
+            "embedding_dim": dim,
+            "num_classes": classes,
+            "state_dict": {k: v.detach().cpu() for k, v in probe.state_dict().items()},
+        },
+        tmp,
+    )
+    os.replace(tmp, path)
+
+
+def load_probe(path: str | Path) -> LinearProbe:
+    """Rebuild a probe saved by :func:`save_probe`, in eval mode on the CPU."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    probe = LinearProbe(blob["embedding_dim"], blob["num_classes"])
+    probe.load_state_dict(blob["state_dict"])
+    return probe.eval()

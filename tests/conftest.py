@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny configuration that runs every stage in seconds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+TINY: dict[str, Any] = {
+    "seed": 0,
+    "device": "cpu",
+    "data": {"source": "digits", "image_size": 8},
+    "model": {
+        "encoder": "small_cnn",
+        "width": 8,
+        "projection_hidden_dim": 32,
+        "projection_dim": 16,
+    },
+    "train": {"epochs": 3, "batch_size": 128, "warmup_epochs": 1, "knn_every": 2},
+    "probe": {"weight_decays": [0.0, 0.001], "max_iter": 30, "knn_k": 20},
+    "export": {"latency_repeats": 2},
+}
+
+
+def write_params(folder: Path, overrides: dict[str, Any] | None = None) -> Path:
+    """params.yaml: the project's file, with the tiny configuration and ``overrides`` on top."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for layer in (TINY, overrides or {}):
+        for key, value in layer.items():
+            if isinstance(value, dict):
+                params.setdefault(key, {}).update(value)
+            else:
+                params[key] = value
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty project folder with the tiny params.yaml, made the working directory."""
+    write_params(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -1,0 +1,144 @@
+"""The four stages end to end on a tiny configuration, through the same CLI that DVC runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from contrastive import train
+from contrastive.cli import main
+from contrastive.config import load_params
+from contrastive.data import prepare
+from contrastive.models import load_encoder
+from tests.conftest import write_params
+
+STAGES = ("prepare", "pretrain", "probe", "export")
+
+
+def test_all_stages_produce_their_outputs(workspace: Path, capsys: pytest.CaptureFixture) -> None:
+    for stage in STAGES:
+        assert main([stage]) == 0, stage
+    for path in (
+        "data/prepared/manifest.json",
+        "models/encoder.pt",
+        "checkpoints/last.pt",
+        "models/probe.pt",
+        "models/encoder.onnx",
+        "plots/pretrain.csv",
+        "plots/knn.csv",
+        "plots/confusion.csv",
+        "plots/embedding.png",
+    ):
+        assert (workspace / path).is_file(), path
+
+    pretrain = json.loads(Path("metrics/pretrain.json").read_text())
+    assert pretrain["epochs"] == 3 and pretrain["device"] == "cpu"
+    history = Path("plots/pretrain.csv").read_text().splitlines()
+    assert history[0] == "epoch,loss,lr,images_per_s" and len(history) == 4
+    assert [line.split(",")[0] for line in Path("plots/knn.csv").read_text().splitlines()] == [
+        "epoch",
+        "2",
+        "3",
+    ]
+
+    probe = json.loads(Path("metrics/probe.json").read_text())
+    for model in ("pretrained", "random_init", "raw_pixels"):
+        assert 0.1 < probe[model]["linear_top1"] <= probe[model]["linear_top5"] <= 1.0
+        assert 0.1 < probe[model]["knn_top1"] <= 1.0
+    assert probe["gain_over_random"]["linear_top1"] == pytest.approx(
+        probe["pretrained"]["linear_top1"] - probe["random_init"]["linear_top1"], abs=1e-5
+    )
+    confusion = Path("plots/confusion.csv").read_text().splitlines()
+    assert confusion[0] == "actual,predicted" and len(confusion) == probe["n_test"] + 1
+
+    export = json.loads(Path("metrics/export.json").read_text())
+    assert export["max_abs_diff"] <= 1e-4 and export["prediction_agreement"] == 1.0
+
+
+def test_same_seed_same_result_and_resume_matches(workspace: Path) -> None:
+    params = load_params("params.yaml")
+    prepare(params.data, params.seed)
+    assert main(["pretrain"]) == 0
+    uninterrupted, _ = load_encoder("models/encoder.pt")
+    first = json.loads(Path("metrics/pretrain.json").read_text())
+
+    # the same params again, from scratch: identical weights and loss
+    for path in ("checkpoints", "models"):
+        for file in Path(path).glob("*"):
+            file.unlink()
+    assert main(["pretrain"]) == 0
+    again, _ = load_encoder("models/encoder.pt")
+    assert (
+        json.loads(Path("metrics/pretrain.json").read_text())["final_loss"] == first["final_loss"]
+    )
+    for (name, a), b in zip(
+        uninterrupted.state_dict().items(), again.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+    # killed after epoch 1, started again: resumes and ends with the same weights
+    Path("checkpoints/last.pt").unlink()
+    train.pretrain(params, stop_after_epoch=1)
+    assert torch.load("checkpoints/last.pt", weights_only=False)["epoch"] == 1
+    assert not Path("models/encoder.pt").exists()
+    resumed_metrics = train.pretrain(params)
+    resumed, _ = load_encoder("models/encoder.pt")
+    assert resumed_metrics["final_loss"] == first["final_loss"]
+    for (name, a), b in zip(
+        uninterrupted.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_nan_loss_stops_and_keeps_the_good_checkpoint(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["prepare"]) == 0
+    steps_per_epoch = 1259 // 128
+
+    class BreaksInEpochTwo(train.NTXentLoss):
+        calls = 0
+
+        def forward(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
+            BreaksInEpochTwo.calls += 1
+            loss = super().forward(z_a, z_b)
+            return loss * float("nan") if self.calls > steps_per_epoch else loss
+
+    monkeypatch.setattr(train, "NTXentLoss", BreaksInEpochTwo)
+    assert main(["pretrain"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "contrastive" in line]
+    assert len(errors) == 1
+    assert "loss became nan in epoch 2" in errors[0] and "epoch 1 is kept" in errors[0]
+    assert torch.load("checkpoints/last.pt", weights_only=False)["epoch"] == 1
+    assert not Path("models/encoder.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "stage", "fragment"),
+    [
+        ({"train": {"batch_size": 5000}}, "pretrain", "train.batch_size: 5000 is larger"),
+        ({"train": {"lr": -1}}, "pretrain", "train.lr"),
+        ({"train": {"temperature": 0}}, "pretrain", "train.temperature"),
+        ({"model": {"encoder": "vgg"}}, "pretrain", "model.encoder"),
+        ({"data": {"source": "mnist"}}, "prepare", "data.source"),
+        ({"data": {"source": "npz", "path": "missing.npz"}}, "prepare", "missing.npz"),
+        ({"data": {"source": "imagefolder", "path": "empty"}}, "prepare", "empty"),
+        ({"extra_section": {}}, "prepare", "unknown key 'extra_section'"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_no_outputs(
+    workspace: Path, capsys: pytest.CaptureFixture, overrides: dict, stage: str, fragment: str
+) -> None:
+    Path("empty").mkdir()
+    if stage == "pretrain":
+        assert main(["prepare"]) == 0
+        capsys.readouterr()
+    write_params(workspace, overrides)
+    assert main([stage]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err, err
+    assert len(err.splitlines()) == 1
+    assert not Path("models").exists() and not Path("checkpoints").exists()
