@@ -1,14 +1,18 @@
 """The DVC contract: `dvc repro` runs the stages, a second one does nothing, and a params change
-reruns only the stages that read the changed key."""
+reruns only the stages that read the changed key. Each run of `register` that sees a new pipeline
+state adds exactly one version to the registry (a SQLite store outside the project)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 
@@ -25,15 +29,17 @@ def _run(args: list[str], cwd: Path) -> str:
 def _ran(output: str) -> set[str]:
     return {
         stage
-        for stage in ("prepare", "pretrain", "probe", "export")
+        for stage in ("prepare", "pretrain", "probe", "export", "register")
         if f"Running stage '{stage}'" in output
     }
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A git + DVC project with this repository's dvc.yaml and code, and the tiny params."""
+def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A git + DVC project with this repository's dvc.yaml and code, and the tiny params; its
+    MLflow store is a SQLite file in another temporary folder."""
     root = tmp_path_factory.mktemp("project")
+    store = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
     shutil.copy(ROOT / "dvc.yaml", root)
     shutil.copytree(ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
     write_params(root)
@@ -42,26 +48,45 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _run([sys.executable, "-m", "dvc", "init", "-q"], root)
     _run([*git, "add", "-A"], root)
     _run([*git, "commit", "-q", "-m", "init"], root)
-    return root
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+        yield root
+
+
+def _versions() -> dict[str, dict[str, str]]:
+    """Tags of each registered version, by version number."""
+    client = mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    found = client.search_model_versions("name = 'contrastive-encoder'")
+    return {str(v.version): v.tags for v in found}
 
 
 def test_repro_then_noop_then_only_stale_stages(project: Path) -> None:
     dvc = [sys.executable, "-m", "dvc"]
-    assert _ran(_run([*dvc, "repro"], project)) == {"prepare", "pretrain", "probe", "export"}
+    stages = {"prepare", "pretrain", "probe", "export", "register"}
+    assert _ran(_run([*dvc, "repro"], project)) == stages
     assert (project / "dvc.lock").is_file()
+    report = json.loads((project / "reports" / "registry.json").read_text())
+    assert report["decision"] == "promoted" and "champion" in report["aliases"]
+    tags = _versions()["1"]  # traced to the commit and to the upstream dvc.lock entries
+    assert len(tags["git.commit"]) == 40 and tags["git.dirty"] == "false"
+    assert all(tags[f"dvc.lock.{s}"] != "unknown" for s in ("prepare", "pretrain", "export"))
 
     second = _run([*dvc, "repro"], project)
-    assert _ran(second) == set()
+    assert _ran(second) == set() and len(_versions()) == 1
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["export"]["latency_repeats"] = 3
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    assert _ran(_run([*dvc, "repro"], project)) == {"export"}
+    # the export metrics (latencies) change, so this is a new pipeline state
+    assert _ran(_run([*dvc, "repro"], project)) == {"export", "register"}
+    assert len(_versions()) == 2 and _versions()["2"]["git.changed"] == "params.yaml"
 
     params["probe"]["max_iter"] = 25
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    # export reruns only if the probe's weights changed
-    assert {"probe"} <= _ran(_run([*dvc, "repro"], project)) <= {"probe", "export"}
+    # export reruns only if the probe's weights changed, register only if an output changed
+    ran = _ran(_run([*dvc, "repro"], project))
+    assert {"probe"} <= ran <= {"probe", "export", "register"}
+    assert len(_versions()) == 2 + ("register" in ran)
 
     metrics = _run([*dvc, "metrics", "show", "--json"], project)
-    assert "linear_top1" in metrics and "max_abs_diff" in metrics
+    assert "linear_top1" in metrics and "max_abs_diff" in metrics and "min_improvement" in metrics

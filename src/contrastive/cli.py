@@ -1,7 +1,8 @@
-"""The ``contrastive`` command: one sub-command per pipeline stage.
+"""The ``contrastive`` command: one sub-command per pipeline stage, plus registry and model tools.
 
 Each stage reads ``params.yaml``, calls one library function with the project's standard paths, and
 writes its outputs. DVC runs these commands; Prefect runs DVC; tests call the same functions.
+``registry``, ``embed`` and ``search`` serve people who use the registered models.
 Bad params or data end with one line on stderr and exit status 2; a failed check ends with exit 1.
 """
 
@@ -48,35 +49,111 @@ def _export(params: Params) -> dict[str, Any]:
     )
 
 
+def _register(params: Params) -> dict[str, Any]:
+    from contrastive.registry import register_stage
+
+    return register_stage(params)
+
+
 STAGES: dict[str, tuple[Callable[[Params], dict[str, Any]], str]] = {
     "prepare": (_prepare, "load, clean and split the dataset into data/prepared"),
     "pretrain": (_pretrain, "contrastive pretraining of the encoder -> models/encoder.pt"),
     "probe": (_probe, "linear probe and kNN on frozen features, with baselines"),
     "export": (_export, "export the encoder to ONNX and check it with onnxruntime"),
+    "register": (_register, "log the run to MLflow, register the model, apply the promotion gate"),
 }
+
+
+def _registry(args: argparse.Namespace) -> Any:
+    from contrastive import registry
+
+    params = load_params(args.params)
+    if args.action == "list":
+        return registry.list_versions(params)
+    if args.action == "show":
+        return registry.show(params, args.ref)
+    if args.action == "promote":
+        return registry.promote(params, args.version, args.reason)
+    return registry.rollback(params, args.reason)
+
+
+def _embed(args: argparse.Namespace) -> dict[str, Any]:
+    from contrastive.inference import embed
+
+    return embed(args.model, args.inputs, args.out, args.batch_size)
+
+
+def _search(args: argparse.Namespace) -> str:
+    from contrastive.inference import search
+
+    hits = search(args.model, args.gallery, args.query, args.k, args.batch_size)
+    lines = [f"{rank:>4}  {score:6.4f}  {path}" for rank, (score, path) in enumerate(hits, 1)]
+    return "\n".join(["rank  cosine  image", *lines])
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="contrastive", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (_, help_text) in STAGES.items():
+    params_help = "params file (params.yaml)"
+    for name, (fn, help_text) in STAGES.items():
         stage = sub.add_parser(name, help=help_text, description=help_text)
-        stage.add_argument("--params", default="params.yaml", help="params file (params.yaml)")
+        stage.add_argument("--params", default="params.yaml", help=params_help)
+        stage.set_defaults(run=lambda args, fn=fn: fn(load_params(args.params)))
+
+    registry = sub.add_parser("registry", help="list, show, promote or roll back model versions")
+    registry.set_defaults(run=_registry)
+    actions = registry.add_subparsers(dest="action", required=True)
+    commands = {
+        "list": "versions, aliases, key metrics, git commit and run id",
+        "show": "one version (by number or alias): tags, metrics, run",
+        "promote": "make a version champion (recorded with your reason)",
+        "rollback": "make previous-champion champion again (recorded with your reason)",
+    }
+    for action, help_text in commands.items():
+        command = actions.add_parser(action, help=help_text, description=help_text)
+        command.add_argument("--params", default="params.yaml", help=params_help)
+        if action == "show":
+            command.add_argument("ref", metavar="ALIAS|VERSION")
+        if action == "promote":
+            command.add_argument("version", metavar="VERSION", help="version number or alias")
+        if action in ("promote", "rollback"):
+            command.add_argument("--reason", required=True, help="why; recorded on the version")
+
+    model_help = "models:/NAME@ALIAS, models:/NAME/VERSION, or an .onnx file"
+    champion = "models:/contrastive-encoder@champion"
+    embed = sub.add_parser("embed", help="embed image files with a registered encoder",
+                           description="embed image files and folders with onnxruntime")
+    embed.add_argument("--model", default=champion, help=f"{model_help} ({champion})")
+    embed.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDER")
+    embed.add_argument("--out", required=True, help=".npy (array) or .parquet (file, embedding)")
+    embed.add_argument("--batch-size", type=int, default=256)
+    embed.set_defaults(run=_embed)
+
+    search = sub.add_parser("search", help="nearest gallery images to a query image",
+                            description="the gallery images most similar to QUERY (cosine)")
+    search.add_argument("--model", default=champion, help=f"{model_help} ({champion})")
+    search.add_argument("--gallery", required=True, metavar="FOLDER")
+    search.add_argument("query", metavar="QUERY_IMAGE")
+    search.add_argument("-k", type=int, default=5, help="how many results (5)")
+    search.add_argument("--batch-size", type=int, default=256)
+    search.set_defaults(run=_search)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        params = load_params(args.params)
-        result = STAGES[args.command][0](params)
+        result = args.run(args)
     except ConfigError as exc:
         print(f"contrastive {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except StageFailed as exc:
         print(f"contrastive {args.command}: failed: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    if isinstance(result, str):
+        print(result)
+    else:
+        print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0
 
 

@@ -132,6 +132,36 @@ class ExportConfig(_Section):
     latency_repeats: Annotated[int, Field(ge=1)] = 20
 
 
+class RegistryConfig(_Section):
+    """MLflow tracking and the promotion gate (stage ``register``).
+
+    The tracking server is not a param: ``MLFLOW_TRACKING_URI`` chooses it (default: the embedded
+    ``sqlite:///mlflow.db``), so moving to a server does not make DVC rerun anything.
+    """
+
+    experiment: Annotated[str, Field(min_length=1)] = "contrastive"
+    model_name: Annotated[str, Field(min_length=1, pattern=r"^[\w.-]+$")] = "contrastive-encoder"
+    min_improvement: Annotated[float, Field(ge=0, le=1)] = 0.005
+    """How much the linear-probe top-1 must beat the champion's to replace it (0.005 = 0.5 pt)."""
+
+
+class ScheduleConfig(_Section):
+    """When the Prefect deployment retrains (``make serve``)."""
+
+    cron: str = "0 3 * * 1"
+    """Standard five-field cron: by default Mondays at 03:00."""
+    timezone: str = "UTC"
+
+    @model_validator(mode="after")
+    def _five_fields(self) -> ScheduleConfig:
+        if len(self.cron.split()) != 5:
+            raise ValueError(
+                f"schedule.cron must have five fields (minute hour day month weekday), "
+                f"got '{self.cron}'"
+            )
+        return self
+
+
 class Params(_Section):
     """The whole of ``params.yaml``."""
 
@@ -143,6 +173,8 @@ class Params(_Section):
     train: TrainConfig = TrainConfig()
     probe: ProbeConfig = ProbeConfig()
     export: ExportConfig = ExportConfig()
+    registry: RegistryConfig = RegistryConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
 
 
 def _describe(error: dict[str, Any], where: str) -> str:

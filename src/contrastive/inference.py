@@ -1,0 +1,210 @@
+"""Using a registered encoder: embed image files, search a gallery, with onnxruntime only.
+
+A model is named by an MLflow model URI (``models:/contrastive-encoder@champion``,
+``models:/contrastive-encoder/3``, ``runs:/<id>/encoder-onnx``) or by a local ``.onnx`` file or
+model folder. Image files are read the way the prepare stage reads an image folder (upright, RGB,
+resized to the model's input size); a file that does not decode is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from contrastive.config import ConfigError
+from contrastive.data import _read_image as read_image  # the prepare stage's image decoding
+from contrastive.export import INPUT_NAME, OUTPUT_NAME, onnx_metadata, ort_session
+from contrastive.files import atomic_path
+from contrastive.tracking import connect, first_line, mlflow_errors
+
+OUTPUT_FORMATS = (".npy", ".parquet")
+
+
+@dataclass
+class Encoder:
+    """An onnxruntime session of an exported encoder and what it expects."""
+
+    session: Any  # onnxruntime.InferenceSession
+    input_size: int
+    source: str
+
+    def embed(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Embeddings ``float32 (N, D)`` of ``uint8 (N, S, S, 3)`` images, in batches."""
+        return np.concatenate([
+            self.session.run([OUTPUT_NAME], {INPUT_NAME: images[i:i + batch_size]})[0]
+            for i in range(0, len(images), batch_size)
+        ])
+
+
+def load_model(model: str) -> Encoder:
+    """Open ``model``: a local ``.onnx`` file or MLflow model folder, or an MLflow model URI.
+
+    A missing file, alias, version or model name is a :class:`ConfigError` (one line); a store
+    that cannot be reached is a :class:`~contrastive.tracking.TrackingError`.
+    """
+    local = Path(model)
+    if local.exists():
+        return _open(_onnx_file(local, model), model)
+    if ":/" not in model:
+        raise ConfigError(f"--model {model}: no such file, and not a model URI "
+                          "(models:/NAME@ALIAS or models:/NAME/VERSION)")
+    with tempfile.TemporaryDirectory(prefix="contrastive-model-") as folder:
+        _download(model, folder)
+        return _open(_onnx_file(Path(folder), model), model)
+
+
+def _download(uri: str, folder: str) -> None:
+    """Download the artifacts of model ``uri`` into ``folder``; lookup errors are ConfigErrors."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    connect(must_exist=True)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # ours is enough
+    with mlflow_errors(f"downloading {uri}"):
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder)
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                message = str(exc).strip().splitlines()[0]
+                raise ConfigError(f"--model {uri}: {message}") from None
+            raise
+
+
+def _onnx_file(path: Path, name: str) -> Path:
+    if path.is_file():
+        return path
+    found = sorted(path.rglob("*.onnx"))
+    if not found:
+        raise ConfigError(f"--model {name}: holds no .onnx file")
+    return found[0]
+
+
+def _open(onnx_path: Path, source: str) -> Encoder:
+    """An onnxruntime session; the input size comes from the model's metadata or input shape."""
+    try:
+        session = ort_session(onnx_path)
+    except Exception as exc:  # onnxruntime raises its own, unexported error types
+        reason = first_line(exc)
+        raise ConfigError(f"--model {source}: not a usable ONNX model ({reason})") from None
+    size = onnx_metadata(onnx_path).get("input_size") or session.get_inputs()[0].shape[1]
+    if not isinstance(size, int):
+        raise ConfigError(f"--model {source}: the model does not say its input size")
+    return Encoder(session, size, source)
+
+
+# --- image files --------------------------------------------------------------------------------
+
+
+def list_images(paths: Sequence[str | Path]) -> list[Path]:
+    """Files given, and every non-hidden file below folders given, in sorted order."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(
+                f for f in path.rglob("*")
+                if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts)
+            )
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ConfigError(f"{path}: no such file or folder")
+    if not files:
+        raise ConfigError(f"{', '.join(map(str, paths))}: no files to embed")
+    return files
+
+
+@dataclass
+class Embedded:
+    """Embeddings of the files that decoded, in order, and the files skipped with the reason."""
+
+    files: list[Path]
+    embeddings: np.ndarray
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def embed_files(encoder: Encoder, files: Sequence[Path], batch_size: int = 256,
+                progress: bool = True) -> Embedded:
+    """Decode and embed ``files`` a batch at a time; undecodable files are reported and skipped."""
+    kept: list[Path] = []
+    chunks: list[np.ndarray] = []
+    skipped: list[dict[str, str]] = []
+    bar = tqdm(total=len(files), desc="embed", unit="img", disable=not progress, leave=False)
+    for start in range(0, len(files), batch_size):
+        images = []
+        for path in files[start:start + batch_size]:
+            try:
+                images.append(read_image(path, encoder.input_size))
+                kept.append(path)
+            except Exception as exc:  # any decoder failure means: skip this file and say why
+                skipped.append({"file": str(path), "reason": first_line(exc)})
+                tqdm.write(f"skipped {path}: {first_line(exc)}", file=sys.stderr)
+            bar.update()
+        if images:
+            chunks.append(encoder.embed(np.stack(images), batch_size))
+    bar.close()
+    if not kept:
+        raise ConfigError(f"none of the {len(files)} files is a readable image")
+    return Embedded(kept, np.concatenate(chunks), skipped)
+
+
+def write_embeddings(path: str | Path, embedded: Embedded) -> None:
+    """``.npy``: the ``(N, D)`` array, rows in file order; ``.parquet``: ``file`` and ``embedding``
+    columns. Written atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        if path.suffix == ".npy":
+            with tmp.open("wb") as handle:
+                np.save(handle, embedded.embeddings)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            vectors = embedded.embeddings.astype(np.float32)
+            column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1])
+            table = pa.table({"file": [str(f) for f in embedded.files], "embedding": column})
+            pq.write_table(table, tmp)
+
+
+def embed(model: str, inputs: Sequence[str], out: str, batch_size: int = 256) -> dict[str, Any]:
+    """``contrastive embed``: embed image files and folders into ``out`` (.npy or .parquet)."""
+    if Path(out).suffix not in OUTPUT_FORMATS:
+        raise ConfigError(f"--out {out}: must end in {' or '.join(OUTPUT_FORMATS)}")
+    files = list_images(inputs)
+    encoder = load_model(model)
+    embedded = embed_files(encoder, files, batch_size)
+    write_embeddings(out, embedded)
+    return {"model": model, "out": out, "embedded": len(embedded.files),
+            "dim": int(embedded.embeddings.shape[1]), "skipped": embedded.skipped}
+
+
+def search(model: str, gallery: str, query: str, k: int = 5,
+           batch_size: int = 256) -> list[tuple[float, Path]]:
+    """``contrastive search``: the ``k`` gallery images most similar to ``query`` (cosine)."""
+    if k < 1:
+        raise ConfigError(f"-k {k}: must be at least 1")
+    if not Path(query).is_file():
+        raise ConfigError(f"{query}: query image not found")
+    files = list_images([gallery])
+    encoder = load_model(model)
+    try:
+        query_image = read_image(Path(query), encoder.input_size)
+    except Exception as exc:  # any decoder failure
+        raise ConfigError(f"{query}: not a readable image ({first_line(exc)})") from None
+    embedded = embed_files(encoder, files, batch_size)
+    gallery_vectors = _unit(embedded.embeddings)
+    query_vector = _unit(encoder.embed(query_image[None]))[0]
+    similarity = gallery_vectors @ query_vector
+    order = np.argsort(-similarity, kind="stable")[:k]
+    return [(float(similarity[i]), embedded.files[i]) for i in order]
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

@@ -1,0 +1,490 @@
+"""MLflow tracking: where the store is, how failures are reported, and one run per pipeline state.
+
+The store is ``MLFLOW_TRACKING_URI`` when set, else the embedded ``sqlite:///mlflow.db`` in the
+project with artifacts in ``mlartifacts/`` beside it. :func:`log_pipeline_run` turns the outputs of
+the four upstream stages into one run (params, per-epoch history, final metrics, artifacts, model
+card, tags that trace it back to git, ``dvc.lock`` and the data) holding an ONNX and a PyTorch
+model. The run is tagged with a *pipeline-state key*, a hash of everything the run is made from, so
+a retry finds a finished run instead of logging a second one.
+
+Every MLflow call that can fail because of the store (server unreachable, SQLite locked, registry
+error) runs inside :func:`mlflow_errors`, which turns the failure into one :class:`TrackingError`
+line saying what failed and how to retry. Nothing here writes to the pipeline's own files.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import version as installed_version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from contrastive.config import ConfigError, Params, StageFailed, flatten, params_hash
+
+DEFAULT_DB = "mlflow.db"
+ARTIFACT_DIR = "mlartifacts"
+LOCK_TIMEOUT_S = 600
+UPSTREAM_STAGES = ("prepare", "pretrain", "probe", "export")
+
+# What the register stage reads: declared as its deps in dvc.yaml, hashed into the state key.
+INPUTS = {
+    "manifest": "data/prepared/manifest.json",
+    "encoder": "models/encoder.pt",
+    "onnx": "models/encoder.onnx",
+    "pretrain": "metrics/pretrain.json",
+    "probe": "metrics/probe.json",
+    "export": "metrics/export.json",
+    "history": "plots/pretrain.csv",
+    "knn": "plots/knn.csv",
+    "confusion": "plots/confusion.csv",
+    "embedding": "plots/embedding.png",
+}
+# The inputs logged as run artifacts (the models go in as MLflow models), and the recipe files
+# logged under recipe/ when present.
+ARTIFACTS = (
+    "manifest", "pretrain", "probe", "export", "history", "knn", "confusion", "embedding",
+)
+RECIPE_FILES = ("params.yaml", "dvc.yaml", "dvc.lock")
+
+STATE_TAG = "pipeline_state"
+ONNX_TAG = "onnx_model_uri"
+PYTORCH_TAG = "pytorch_model_uri"
+
+
+class TrackingError(StageFailed):
+    """The MLflow store failed (unreachable, locked, refused a write); the pipeline is intact."""
+
+
+# --- the store ----------------------------------------------------------------------------------
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the project's embedded SQLite store (absolute path)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, else None."""
+    prefix = "sqlite:///"
+    return Path(uri[len(prefix):]) if uri.startswith(prefix) else None
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where new experiments keep artifacts: ``mlartifacts/`` beside a SQLite file; a server's
+    own default otherwise (None)."""
+    db = sqlite_path(uri)
+    return (db.resolve().parent / ARTIFACT_DIR).as_uri() if db else None
+
+
+def connect(uri: str | None = None, must_exist: bool = False) -> Any:
+    """Point MLflow at ``uri`` (default :func:`tracking_uri`) and return an ``MlflowClient``.
+
+    ``must_exist`` is for read-only commands: a missing SQLite file is a :class:`ConfigError`
+    instead of a new, empty store.
+    """
+    import mlflow
+
+    uri = uri or tracking_uri()
+    db = sqlite_path(uri)
+    if must_exist and db is not None and not db.is_file():
+        raise ConfigError(
+            f"no MLflow store at {db}; run the pipeline first (make run) or set MLFLOW_TRACKING_URI"
+        )
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # schema-migration chatter
+    mlflow.set_tracking_uri(uri)
+    with mlflow_errors("opening the MLflow store", uri):
+        return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``, shortened: what an error line can hold."""
+    text = str(exc).strip().splitlines()
+    message = f"{type(exc).__name__}: {text[0] if text else ''}"
+    return message if len(message) <= limit else message[: limit - 3] + "..."
+
+
+@contextmanager
+def mlflow_errors(action: str, uri: str | None = None) -> Iterator[None]:
+    """Turn a store failure inside the block into one :class:`TrackingError` line with a retry hint.
+
+    ``ConfigError`` and ``StageFailed`` pass through: they already say what is wrong.
+    """
+    import requests
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except (ConfigError, StageFailed):
+        raise
+    except (MlflowException, requests.RequestException, sqlalchemy.exc.SQLAlchemyError,
+            OSError) as exc:
+        raise TrackingError(
+            f"{action} failed at {uri or tracking_uri()}: {first_line(exc)}. The pipeline's "
+            "files are intact. Fix the store (server up? SQLite file free?) and retry; "
+            "`dvc repro` or `contrastive register` then reuses the run and version already "
+            "recorded"
+        ) from exc
+
+
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold a file lock for the store while registering, so registrations happen one at a time.
+
+    The lock sits beside a SQLite file, or in the temporary folder keyed by the URI for a server.
+    It serialises every process on this machine (and on any machine sharing the SQLite folder);
+    processes on other machines that register into the same server are not covered.
+    """
+    from filelock import FileLock, Timeout
+
+    db = sqlite_path(uri)
+    if db is not None:
+        path = db.with_name(db.name + ".lock")
+    else:
+        key = hashlib.sha256(uri.encode()).hexdigest()[:12]
+        path = Path(tempfile.gettempdir()) / f"contrastive-registry-{key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=LOCK_TIMEOUT_S)
+    except Timeout:
+        raise TrackingError(
+            f"another registration held {path} for {LOCK_TIMEOUT_S} s; retry when it has finished"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def ensure_experiment(client: Any, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created (with local artifacts for SQLite) when missing."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            raise ConfigError(
+                f"registry.experiment: '{name}' is deleted in {uri}; restore it "
+                "(mlflow experiments restore) or choose another name"
+            )
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location(uri))
+
+
+# --- what a run is made from --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The upstream stages' outputs as the register stage reads them, and where they came from."""
+
+    params: Params
+    manifest: dict[str, Any]
+    metrics: dict[str, dict[str, Any]]  # stage -> its metrics JSON
+    history: list[dict[str, float]]  # one row per epoch: loss, lr, images_per_s[, knn_top1]
+    state_key: str
+    tags: dict[str, str]
+
+    @property
+    def linear_top1(self) -> float | None:
+        """The candidate's linear-probe top-1 on test, or None when missing."""
+        value = self.metrics["probe"].get("pretrained", {}).get("linear_top1")
+        return float(value) if isinstance(value, int | float) else None
+
+    @property
+    def parity_ok(self) -> bool:
+        """Whether onnxruntime matched torch within ``export.atol`` and the probe agreed fully."""
+        export = self.metrics["export"]
+        diff, agreement = export.get("max_abs_diff"), export.get("prediction_agreement")
+        if not isinstance(diff, int | float) or not isinstance(agreement, int | float):
+            return False
+        return diff <= self.params.export.atol and agreement == 1.0
+
+    @property
+    def eval_key(self) -> str:
+        """Identifies the evaluation (prepared data and probe protocol) a top-1 was measured on."""
+        return params_hash({"data_hash": self.manifest.get("data_hash")}, self.params.probe)
+
+
+def read_snapshot(params: Params, root: str | Path = ".") -> Snapshot:
+    """Read the upstream outputs under ``root``; :class:`ConfigError` if one is missing."""
+    root = Path(root)
+    missing = [path for path in INPUTS.values() if not (root / path).is_file()]
+    if missing:
+        raise ConfigError(f"{missing[0]}: not found; run the stages before register (dvc repro)")
+    manifest = json.loads((root / INPUTS["manifest"]).read_text())
+    metrics = {
+        stage: json.loads((root / INPUTS[stage]).read_text())
+        for stage in ("pretrain", "probe", "export")
+    }
+    history = _read_history(root / INPUTS["history"], root / INPUTS["knn"])
+    # The files the run is made from: a params change that alters no output is no new state.
+    digest = hashlib.sha256()
+    for path in INPUTS.values():
+        digest.update(hashlib.sha256((root / path).read_bytes()).digest())
+    state_key = digest.hexdigest()[:24]
+
+    device = metrics["pretrain"].get("device", "unknown")
+    tags = {
+        STATE_TAG: state_key,
+        "params_hash": params_hash(params),
+        "data_hash": str(manifest.get("data_hash", "unknown")),
+        "data_source": str(manifest.get("source", "unknown")),
+        "device": f"{device} ({metrics['pretrain'].get('precision', 'unknown')})",
+        **git_state(root),
+        **dvc_lock_hashes(root / "dvc.lock"),
+    }
+    return Snapshot(params, manifest, metrics, history, state_key, tags)
+
+
+def _read_history(history_csv: Path, knn_csv: Path) -> list[dict[str, float]]:
+    """plots/pretrain.csv rows with the kNN accuracy of plots/knn.csv merged in by epoch."""
+    with history_csv.open() as handle:
+        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+    with knn_csv.open() as handle:
+        knn = {int(float(r["epoch"])): float(r["knn_top1"]) for r in csv.DictReader(handle)}
+    for row in rows:
+        if int(row["epoch"]) in knn:
+            row["knn_top1"] = knn[int(row["epoch"])]
+    return rows
+
+
+def git_state(root: Path) -> dict[str, str]:
+    """``git.commit``, ``git.dirty`` and ``git.changed`` (files that differ from the commit).
+
+    Files that DVC writes (stage outputs, metrics, plots, ``dvc.lock``) do not make the tree dirty:
+    during ``dvc repro`` they always differ, and their hashes are recorded separately.
+    """
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                              check=True, timeout=30)
+        return done.stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        status = git("status", "--porcelain", "--untracked-files=no").splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return {"git.commit": "unknown", "git.dirty": "unknown"}
+    produced = _dvc_outputs(root / "dvc.yaml") | {"dvc.lock"}
+    changed = [line[3:].split(" -> ")[-1].strip('"') for line in status]
+    changed = [p for p in changed if not any(p == o or p.startswith(o + "/") for o in produced)]
+    tags = {"git.commit": commit, "git.dirty": str(bool(changed)).lower()}
+    if changed:
+        tags["git.changed"] = ", ".join(changed[:20]) + (" ..." if len(changed) > 20 else "")
+    return tags
+
+
+def _dvc_outputs(dvc_yaml: Path) -> set[str]:
+    """Paths of every stage's outs, metrics and plots in ``dvc.yaml`` (empty if absent)."""
+    if not dvc_yaml.is_file():
+        return set()
+    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
+    paths: set[str] = set()
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                paths.add(next(iter(entry)) if isinstance(entry, dict) else str(entry))
+    return {p.rstrip("/") for p in paths}
+
+
+def dvc_lock_hashes(lock_path: Path) -> dict[str, str]:
+    """``dvc.lock.<stage>``: a short hash of each upstream stage's ``dvc.lock`` entry.
+
+    DVC writes a stage's entry as soon as it completes, so during ``dvc repro`` the upstream
+    entries describe exactly the outputs being registered. Outside DVC: ``unknown``.
+    """
+    entries = {}
+    if lock_path.is_file():
+        entries = (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {})
+    tags = {}
+    for stage in UPSTREAM_STAGES:
+        entry = entries.get(stage)
+        digest = hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:16]
+        tags[f"dvc.lock.{stage}"] = digest if entry else "unknown"
+    return tags
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A finished run of one pipeline state and the models logged in it."""
+
+    run_id: str
+    onnx_model_uri: str
+    pytorch_model_uri: str
+    reused: bool
+
+
+def find_or_log_run(client: Any, experiment_id: str, snapshot: Snapshot,
+                    root: str | Path = ".") -> RunRecord:
+    """The finished run tagged with this pipeline state, or a new one logged now.
+
+    Runs of this state that did not finish (a crash or store failure mid-way) are deleted first,
+    so each pipeline state keeps exactly one run however many retries it took.
+    """
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.{STATE_TAG} = '{snapshot.state_key}'"
+    )
+    for run in runs:
+        tags = run.data.tags
+        if run.info.status == "FINISHED" and ONNX_TAG in tags and PYTORCH_TAG in tags:
+            return RunRecord(run.info.run_id, tags[ONNX_TAG], tags[PYTORCH_TAG], reused=True)
+    for run in runs:
+        client.delete_run(run.info.run_id)
+    return log_pipeline_run(experiment_id, snapshot, root)
+
+
+def log_pipeline_run(experiment_id: str, snapshot: Snapshot, root: str | Path = ".") -> RunRecord:
+    """Log one run: params, history, final metrics, artifacts, model card, tags and both models."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    root = Path(root)
+    params, manifest = snapshot.params, snapshot.manifest
+    name = (f"{manifest.get('source', 'data')}-{params.model.encoder}-e{params.train.epochs}"
+            f"-{snapshot.state_key[:8]}")
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=snapshot.tags) as run:
+        client, run_id = mlflow.MlflowClient(), run.info.run_id
+        mlflow.log_params({k: _param_value(v) for k, v in flatten(params).items()})
+        now = int(time.time() * 1000)
+        history = [
+            Metric(f"train/{key}", value, now, int(row["epoch"]))
+            for row in snapshot.history for key, value in row.items() if key != "epoch"
+        ]
+        finals = [Metric(key, value, now, 0) for key, value in final_metrics(snapshot).items()]
+        client.log_batch(run_id, metrics=history + finals)  # MLflow splits large batches
+        for key in ARTIFACTS:
+            path = root / INPUTS[key]
+            client.log_artifact(run_id, str(path), str(Path(INPUTS[key]).parent))
+        for file in RECIPE_FILES:
+            if (root / file).is_file():
+                client.log_artifact(run_id, str(root / file), "recipe")
+        mlflow.log_text(model_card(snapshot, run_id), "model_card.md")
+        onnx_uri, pytorch_uri = _log_models(root)
+        mlflow.set_tags({ONNX_TAG: onnx_uri, PYTORCH_TAG: pytorch_uri})
+    return RunRecord(run_id, onnx_uri, pytorch_uri, reused=False)
+
+
+def _param_value(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, list | dict) else str(value)
+
+
+def final_metrics(snapshot: Snapshot) -> dict[str, float]:
+    """Every number of the stages' metrics files, flattened: ``probe.pretrained.linear_top1``."""
+    flat = {}
+    for stage, metrics in snapshot.metrics.items():
+        for key, value in flatten(metrics, f"{stage}.").items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                flat[key] = float(value)
+    return flat
+
+
+def _log_models(root: Path) -> tuple[str, str]:
+    """Log the ONNX encoder and the PyTorch encoder (same input and output); return their URIs.
+
+    Both take raw ``uint8 (N, H, W, 3)`` images. The input example has two real test images:
+    torch.export would freeze a batch of one into the graph. Pinned requirements skip MLflow's
+    slow requirement inference (a subprocess per model).
+    """
+    import mlflow
+    import onnx
+    import torch
+    from mlflow.models import infer_signature
+
+    from contrastive.data import load_split
+    from contrastive.export import INPUT_NAME, OUTPUT_NAME, EmbeddingModel, ort_session
+    from contrastive.models import load_encoder
+
+    onnx_path = root / INPUTS["onnx"]
+    images = load_split(root / Path(INPUTS["manifest"]).parent, "test")[0][:2]
+    if len(images) < 2:
+        images = np.repeat(images, 2, axis=0)
+    embeddings = ort_session(onnx_path).run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+    signature = infer_signature(images, embeddings)
+    onnx_info = mlflow.onnx.log_model(
+        onnx.load(str(onnx_path)), name="encoder-onnx", signature=signature,
+        input_example=images, onnx_execution_providers=["CPUExecutionProvider"],
+        save_as_external_data=False, pip_requirements=_pins("onnx", "onnxruntime", "numpy"),
+    )
+    model = EmbeddingModel(*load_encoder(root / INPUTS["encoder"])).eval()
+    with torch.inference_mode():
+        torch_embeddings = model(torch.from_numpy(images))
+    torch_info = mlflow.pytorch.log_model(
+        model, name="encoder-pytorch",
+        signature=infer_signature(images, torch_embeddings.numpy()), input_example=images,
+        pip_requirements=_pins("torch", "numpy"),
+    )
+    return onnx_info.model_uri, torch_info.model_uri
+
+
+def _pins(*packages: str) -> list[str]:
+    return [f"{p}=={installed_version(p)}" for p in ("mlflow", *packages)]
+
+
+def model_card(snapshot: Snapshot, run_id: str) -> str:
+    """A Markdown card: what the model is, what it was trained on, how good it is, how to use it."""
+    p, m, metrics = snapshot.params, snapshot.manifest, snapshot.metrics
+    probe, export = metrics["probe"], metrics["export"]
+    rows = "\n".join(
+        f"| {name} | {probe[key]['linear_top1']:.4f} | {probe[key]['knn_top1']:.4f} |"
+        for name, key in (("pretrained", "pretrained"), ("random init", "random_init"),
+                          ("raw pixels", "raw_pixels"))
+        if key in probe
+    )
+    latency = export.get("latency_ms", {})
+    tags, size, classes = snapshot.tags, m.get("image_size"), m.get("classes", [])
+    return f"""# {p.registry.model_name}
+
+A {p.model.encoder} image encoder pretrained with {p.train.method.upper()} (contrastive, no labels)
+on `{m.get('source')}`. It maps raw RGB images, `uint8 (N, {size}, {size}, 3)`, to
+`float32 (N, {probe.get('embedding_dim')})` embeddings. Scaling and mean/std normalisation are part
+of the ONNX graph, and its metadata holds everything a consumer needs; `contrastive embed` resizes
+image files to {size}x{size} first.
+
+## Data
+- source `{m.get('source')}`, {m.get('num_classes')} classes: {', '.join(map(str, classes))}
+- images per split: {json.dumps(m.get('totals', {}))}
+- data hash `{m.get('data_hash')}`
+
+## Training
+- {p.train.epochs} epochs, batch {p.train.batch_size}, {p.train.optimizer} lr {p.train.lr},
+  temperature {p.train.temperature}, seed {p.seed}, device {tags.get('device')}
+- final contrastive loss {metrics['pretrain'].get('final_loss')}
+
+## Quality (frozen features, test split)
+| features | linear top-1 | kNN top-1 |
+|---|---|---|
+{rows}
+
+## Export
+- ONNX max abs difference to torch {export.get('max_abs_diff')}, probe agreement
+  {export.get('prediction_agreement')}
+- latency ms, onnxruntime vs torch: batch 1 {latency.get('ort_b1')} vs {latency.get('torch_b1')},
+  batch 256 {latency.get('ort_b256')} vs {latency.get('torch_b256')}
+
+## Provenance
+- MLflow run `{run_id}`, pipeline state `{snapshot.state_key}`
+- git commit `{tags.get('git.commit')}` (dirty: {tags.get('git.dirty')})
+- dvc.lock: {', '.join(f"{s} `{tags.get(f'dvc.lock.{s}')}`" for s in UPSTREAM_STAGES)}
+
+## Use
+```
+contrastive embed --model models:/{p.registry.model_name}@champion IMAGES --out emb.parquet
+contrastive search --model models:/{p.registry.model_name}@champion --gallery DIR QUERY -k 5
+```
+"""
