@@ -9,8 +9,9 @@ export PYTHONUNBUFFERED := 1
 BOOTSTRAP := .cache/bootstrap
 UV := $(shell command -v uv 2>/dev/null || echo $(BOOTSTRAP)/bin/uv)
 VENV := .venv/.installed
+UI_PORT ?= 5000
 
-.PHONY: run test lint repro metrics plots clean
+.PHONY: run test lint repro metrics plots clean retrain serve ui bench
 
 run: $(VENV)  ## run the whole pipeline on params.yaml and show the metrics
 	$(UV) run --frozen --no-sync dvc repro
@@ -26,12 +27,28 @@ lint: $(VENV)
 plots: $(VENV)  ## render dvc plots to dvc_plots/index.html
 	$(UV) run --frozen --no-sync dvc plots show
 
+bench: $(VENV)  ## the four CPU benchmarks, each against a reference in the same run (docs/benchmarks.md)
+	$(UV) run --frozen --no-sync python bench/views.py
+	$(UV) run --frozen --no-sync python bench/train_step.py
+	$(UV) run --frozen --no-sync python bench/inference.py
+	$(UV) run --frozen --no-sync python bench/pipeline.py
+
+ui: $(VENV)  ## MLflow UI on the project's store (mlflow.db, mlartifacts/): http://127.0.0.1:$(UI_PORT)
+	$(UV) run --frozen --no-sync mlflow ui --backend-store-uri sqlite:///mlflow.db \
+		--artifacts-destination ./mlartifacts --host 127.0.0.1 --port $(UI_PORT)
+
+retrain: $(VENV)  ## run the Prefect flow once and print its summary (ARGS="--set train.epochs=30")
+	$(UV) run --frozen --no-sync python -m pipeline.retrain $(ARGS)
+
+serve: $(VENV)  ## serve the flow on params.yaml's cron; a local Prefect server + UI on :4200
+	$(UV) run --frozen --no-sync python -m pipeline.retrain serve $(ARGS)
+
 $(BOOTSTRAP)/bin/uv:
 	$(PYTHON) -m venv $(BOOTSTRAP)
 	$(BOOTSTRAP)/bin/pip install --quiet --disable-pip-version-check uv
 
 $(VENV): pyproject.toml uv.lock | $(UV)
-	$(UV) sync --frozen
+	$(UV) sync --frozen --compile-bytecode
 	@touch $@
 
 clean:  ## remove pipeline outputs (keeps the DVC cache and the environment)
