@@ -1,0 +1,267 @@
+"""The Prefect ``retrain`` flow end to end on a tiny git + DVC project: a first run with a params
+override runs every stage (its pretraining crashes once and resumes from its checkpoint), a second
+run is up to date, a second retrain is cancelled, and the deployments carry params.yaml's cron."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.client.schemas.objects import State
+from prefect.settings import PREFECT_API_URL
+from prefect.states import Failed
+from prefect.testing.utilities import prefect_test_harness
+
+from contrastive.config import ConfigError
+from pipeline import stages
+from pipeline.report import RetrainResult, markdown
+from pipeline.retrain import (
+    _worth_retrying,
+    retrain,
+    run_stage,
+    scheduled_deployment,
+    workspace_lock,
+)
+from pipeline.settings import Settings
+from tests.conftest import ROOT, write_params
+
+# `contrastive`, except that the first pretraining stops after its first epoch's checkpoint and
+# exits 1, as a killed worker would. Put first on PATH for the first run only.
+CRASH_ONCE = """#!{python}
+import sys
+from pathlib import Path
+
+from contrastive.cli import main
+
+crashed = Path({marker!r})
+if sys.argv[1:] == ["pretrain"] and not crashed.exists():
+    from contrastive.config import load_params
+    from contrastive.train import pretrain
+
+    crashed.touch()
+    pretrain(load_params(), stop_after_epoch=1)
+    sys.exit(1)
+sys.exit(main())
+"""
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[None]:
+    """One temporary Prefect server for the session (about 14 s to start)."""
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, prefect_api: None) -> Iterator[Path]:
+    """A git + DVC project with this repository's dvc.yaml, .dvcignore and code, the tiny params,
+    its MLflow store (a SQLite file) in another temporary folder, and no delay before a retry."""
+    root = tmp_path_factory.mktemp("flow")
+    store = tmp_path_factory.mktemp("flow-mlflow") / "mlflow.db"
+    shutil.copy(ROOT / "dvc.yaml", root)
+    shutil.copytree(ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    write_params(root)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(command, cwd=root, check=True, capture_output=True)
+    shutil.copy(ROOT / ".dvcignore", root)  # after dvc init, which writes its own
+    for command in ([*git, "add", "-A"], [*git, "commit", "-q", "-m", "init"]):
+        subprocess.run(command, cwd=root, check=True, capture_output=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+        patch.setenv("RETRAIN_RETRY_DELAY_S", "0")
+        yield root
+
+
+@pytest.fixture(scope="module")
+def first_run(project: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[State, str]:
+    """The first retrain, with ``train.epochs=2`` (the tiny params have 3) and a pretraining that
+    crashes after its first epoch: the run's final state and its log."""
+    bin_dir = tmp_path_factory.mktemp("bin")
+    wrapper = bin_dir / "contrastive"
+    marker = bin_dir / "crashed"
+    wrapper.write_text(CRASH_ONCE.format(python=sys.executable, marker=str(marker)))
+    wrapper.chmod(0o755)
+    logs = _LogLines()
+    logging.getLogger("prefect").addHandler(logs)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(stages, "BIN_DIR", bin_dir)
+            state = retrain(params={"train.epochs": 2}, project=str(project), return_state=True)
+    finally:
+        logging.getLogger("prefect").removeHandler(logs)
+    assert marker.exists(), "the crashing `contrastive` was not used"
+    return state, "\n".join(logs.lines)
+
+
+def test_first_run_runs_every_stage_and_publishes_its_summary(
+    first_run: tuple[State, str], project: Path
+) -> None:
+    state, _ = first_run
+    result: RetrainResult = state.result()
+    names = stages.stage_names(project)
+    assert [stage.name for stage in result.stages] == names
+    assert {stage.status for stage in result.stages} == {"ran"}
+    assert result.headline == "ran " + ", ".join(names) and not result.up_to_date
+    assert (project / "models" / "encoder.onnx").is_file()
+    if "register" in names:  # the first model becomes the champion
+        assert result.registered and result.registration is not None
+        assert (result.registration.version, result.registration.decision) == (1, "promoted")
+
+    summary, table = _artifacts(state.state_details.flow_run_id)
+    assert summary == markdown(result)
+    assert summary.startswith(f"# Retrain: ran {', '.join(names)}\n")
+    for name in names:
+        assert f"| {name} | ran |" in summary
+    linear_top1 = json.loads((project / "metrics" / "probe.json").read_text())["pretrained"][
+        "linear_top1"
+    ]
+    assert result.metrics["probe.pretrained.linear_top1"] == pytest.approx(linear_top1)
+    assert {"metric": "probe.pretrained.linear_top1", "value": linear_top1} in table
+
+
+def test_failed_pretraining_is_retried_and_resumes_from_its_checkpoint(
+    first_run: tuple[State, str], project: Path
+) -> None:
+    state, logs = first_run
+    pretrain = next(stage for stage in state.result().stages if stage.name == "pretrain")
+    assert pretrain.status == "ran" and pretrain.attempts == 2
+    assert "resuming from checkpoints/last.pt after epoch 1" in logs
+    history = (project / "plots" / "pretrain.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in history] == ["epoch", "1", "2"]
+
+
+def test_params_overrides_are_applied_as_a_dvc_experiment(
+    first_run: tuple[State, str], project: Path
+) -> None:
+    result: RetrainResult = first_run[0].result()
+    assert result.overrides == ["train.epochs=2"]
+    assert yaml.safe_load((project / "params.yaml").read_text())["train"]["epochs"] == 2
+    assert json.loads((project / "metrics" / "pretrain.json").read_text())["epochs"] == 2
+    assert result.experiment and result.experiment.startswith("retrain-")
+    listed = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "list", "--name-only"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.experiment in listed.stdout.split()
+
+    # a bad value stops the run before anything changes
+    with pytest.raises(ConfigError, match="train.epochs"):
+        retrain(params={"train.epochs": 0}, project=str(project))
+    assert yaml.safe_load((project / "params.yaml").read_text())["train"]["epochs"] == 2
+
+
+def test_second_run_is_up_to_date_and_registers_nothing(
+    first_run: tuple[State, str], project: Path
+) -> None:
+    state = retrain(project=str(project), return_state=True)
+    result: RetrainResult = state.result()
+    assert {stage.status for stage in result.stages} == {"up to date"}
+    assert result.up_to_date and not result.registered and result.headline == "up to date"
+    summary, _ = _artifacts(state.state_details.flow_run_id)
+    assert summary.startswith("# Retrain: up to date\n\nNothing changed")
+
+
+def test_a_second_retrain_is_cancelled_while_one_holds_the_workspace(project: Path) -> None:
+    with workspace_lock(project):
+        state = retrain(project=str(project), return_state=True)
+    assert state.is_cancelled()
+    assert "another retrain is running" in (state.message or "")
+
+
+def test_served_deployment_has_the_cron_schedule_and_runs_one_at_a_time(project: Path) -> None:
+    deployment_id = scheduled_deployment(project).apply()
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment(deployment_id)
+    (schedule,) = deployment.schedules
+    assert schedule.schedule.cron == "0 3 * * 1" and schedule.schedule.timezone == "UTC"
+    assert deployment.global_concurrency_limit is not None
+    assert deployment.global_concurrency_limit.limit == 1
+    assert deployment.parameters == {"project": str(project)}
+
+
+def test_prefect_yaml_deploys_with_the_schedule_of_params_yaml(project: Path) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["schedule"] = {"cron": "30 4 * * 2", "timezone": "Europe/Paris"}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copytree(ROOT / "pipeline", project / "pipeline")
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="contrastive-process", type="process"))
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    deploy = [sys.executable, "-m", "prefect", "--no-prompt", "deploy"]
+    done = subprocess.run(
+        [*deploy, "--prefect-file", "pipeline/prefect.yaml", "--name", "scheduled"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("retrain/scheduled")
+    (schedule,) = deployment.schedules
+    assert schedule.schedule.cron == "30 4 * * 2"
+    assert schedule.schedule.timezone == "Europe/Paris"
+    assert deployment.global_concurrency_limit is not None
+    assert deployment.global_concurrency_limit.limit == 1
+    assert deployment.pull_steps == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": str(project)}}
+    ]
+
+
+def test_a_stage_that_rejects_its_params_or_data_is_not_retried() -> None:
+    def worth_retrying(error: Exception) -> bool:
+        return _worth_retrying(run_stage, None, Failed(data=error))  # type: ignore[arg-type]
+
+    assert not worth_retrying(stages.DvcFailed("bad params or data", exit_status=2))
+    assert worth_retrying(stages.DvcFailed("killed", exit_status=1))
+    assert worth_retrying(stages.DvcFailed("dvc lock taken"))
+    assert worth_retrying(TimeoutError("the attempt timed out"))
+
+
+def test_settings_come_from_the_environment() -> None:
+    assert Settings.from_env({}) == Settings()
+    settings = Settings.from_env({"RETRAIN_PRETRAIN_RETRIES": "5", "RETRAIN_LOCK_WAIT_S": "1.5"})
+    assert (settings.pretrain_retries, settings.lock_wait_s) == (5, 1.5)
+    with pytest.raises(ValueError, match="RETRAIN_PRETRAIN_RETRIES must be >= 0"):
+        Settings.from_env({"RETRAIN_PRETRAIN_RETRIES": "two"})
+
+
+class _LogLines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def _artifacts(flow_run_id: UUID | None) -> tuple[str, list[dict[str, object]]]:
+    """The run's Markdown summary and its metrics table."""
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    by_key = {artifact.key: artifact.data for artifact in artifacts}
+    table = by_key["retrain-metrics"]
+    return str(by_key["retrain-summary"]), json.loads(table) if isinstance(table, str) else table
