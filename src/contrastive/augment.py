@@ -17,7 +17,8 @@ exact resume).
 
 A view is drawn first (:meth:`SimCLRViews.draw`: every random number, for the whole batch, in a
 fixed order) and then applied (:meth:`SimCLRViews.apply`), on the CPU a cache-sized chunk of
-images at a time.
+images at a time, the chunks spread over one single-threaded worker per CPU thread (see
+:data:`CPU_CHUNK_PIXELS`).
 
 The small per-sample functions (:func:`adjust_brightness`, :func:`adjust_hue`, ...) follow the
 maths of ``torchvision.transforms.v2.functional`` and are public so the tests can compare them.
@@ -35,6 +36,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -310,7 +314,56 @@ On the CPU a view is computed a chunk of images at a time: each op is memory-bou
 its output, and with small tensors the intermediates stay in the 2 MB L2 cache and the allocator
 reuses their memory instead of faulting in fresh pages; measured about 2x faster than one pass over
 512 images of 32 x 32. On CUDA the whole batch is one chunk.
+
+The chunks run in parallel, one chunk per worker thread, and every op inside a chunk runs on that
+one thread (:func:`_cpu_pool`). Spreading each op over torch's intra-op threads instead puts
+about 40 tiny parallel regions (one per op) in every chunk, each ending in a barrier where all
+threads wait for the slowest: on a machine whose cores are shared with other processes, one
+descheduled thread stalls every op for a scheduler time slice, and views were measured 20x slower
+than on one thread (bench/views.py, docs/benchmarks.md). Whole chunks per thread need no barrier
+but the last one, and give the same numbers.
 """
+
+_pool_lock = threading.Lock()
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _forget_pool() -> None:
+    """After a fork the child has none of the parent's threads: start a new pool when needed."""
+    global _pool
+    _pool = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _cpu_pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads whose torch ops each run on one thread (created once).
+
+    ``torch.set_num_threads`` sets the calling thread's OpenMP thread count, and also a process-wide
+    default that threads created later start from; every worker sets 1 for itself, then the
+    default is put back, so the caller and any later thread keep their thread count.
+    """
+    global _pool
+    with _pool_lock:
+        if _pool is not None and _pool[0] == workers:
+            return _pool[1]
+        if _pool is not None:
+            _pool[1].shutdown(wait=False)
+        ready = threading.Barrier(workers + 1)
+
+        def single_threaded() -> None:
+            torch.get_num_threads()  # torch's lazy per-thread set-up first, so it cannot undo ours
+            torch.set_num_threads(1)
+            ready.wait()
+
+        pool = ThreadPoolExecutor(workers, "simclr-views", initializer=single_threaded)
+        for _ in range(workers):  # start every thread now: each waits in its initializer
+            pool.submit(int)
+        ready.wait()
+        torch.set_num_threads(workers)  # the default for threads created from now on
+        _pool = (workers, pool)
+        return pool
 
 
 class SimCLRViews:
@@ -342,14 +395,31 @@ class SimCLRViews:
                 f"generator is on {generator.device} but images are on {images.device}"
             )
         n, height, width, _ = images.shape
-        params = self.draw(n, height, width, generator)
         if images.device.type != "cpu":
-            return self.apply(images, params)
-        chunk = max(1, CPU_CHUNK_PIXELS // self.image_size**2)
-        parts = [
-            self.apply(images[i : i + chunk], params[i : i + chunk]) for i in range(0, n, chunk)
-        ]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+            return self.apply(images, self.draw(n, height, width, generator))
+        workers = torch.get_num_threads()
+        chunk = max(1, min(CPU_CHUNK_PIXELS // self.image_size**2, -(-n // workers)))
+        if workers == 1:
+            params = self.draw(n, height, width, generator)
+            parts = [self.apply(images[i : i + chunk], params[i : i + chunk])
+                     for i in range(0, n, chunk)]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+        # Everything runs on the single-threaded workers, even the draw (its small ops would
+        # otherwise open intra-op parallel regions), and each worker writes its chunk into the
+        # output itself: the calling thread only waits.
+        pool = _cpu_pool(workers)
+        params = pool.submit(self.draw, n, height, width, generator).result()
+        out = torch.empty(n, 3, self.image_size, self.image_size, dtype=torch.float32)
+        # Grad and inference mode are per thread: the workers run in the caller's.
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+        def one_chunk(i: int) -> None:
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                out[i : i + chunk] = self.apply(images[i : i + chunk], params[i : i + chunk])
+
+        for done in pool.map(one_chunk, range(0, n, chunk)):
+            del done  # re-raises a worker's exception here
+        return out
 
     def draw(self, n: int, height: int, width: int, generator: torch.Generator) -> ViewParams:
         """Draw the parameters of one view of ``n`` images of ``height`` x ``width``.
