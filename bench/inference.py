@@ -108,7 +108,7 @@ def main() -> None:
         sessions: dict[str, ort.InferenceSession] = {"onnxruntime": ort_session(paths["onnx"])}
         if args.variants:
             sessions |= {
-                "ort defaults": session(paths["onnx"]),
+                "ort defaults, spinning": session(paths["onnx"]),
                 "ort defaults, no spinning": session(
                     paths["onnx"], **{"config:session.intra_op.allow_spinning": "0"}),
                 "ort basic optimisation": session(
