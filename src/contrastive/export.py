@@ -183,17 +183,12 @@ def ort_session(onnx_path: str | Path, threads: int | None = None) -> ort.Infere
     """An onnxruntime CPU session with all graph optimisations and torch's thread count.
 
     One inter-op thread: the graph is a single chain, so parallelism comes from inside each op.
-    The intra-op threads sleep between ops instead of spinning: spinning threads take cores from
-    everything else in the process and on the machine, and where cores are shared a spinning
-    thread waits on a descheduled one; measured 10-20% faster at batch 64 and 256 on a busy
-    2-core machine, the same at batch 1 (bench/inference.py, docs/benchmarks.md).
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 
