@@ -83,6 +83,19 @@ def interleaved(
     return times
 
 
+def project_params(overrides: dict) -> dict:
+    """The project's params.yaml with ``overrides`` (one level of sections) on top."""
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            params.setdefault(key, {}).update(value)
+        else:
+            params[key] = value
+    return params
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -112,10 +125,18 @@ def data_file(folder: Path, name: str) -> Path:
 def parser(description: str) -> argparse.ArgumentParser:
     """An argument parser with ``--data`` (the shared data folder) and ``--threads``."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--data", type=Path, default=SHARED_DATA,
-                   help=f"folder holding cifar10-dev-*.npz (default {SHARED_DATA})")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: torch's, one per core)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=SHARED_DATA,
+        help=f"folder holding cifar10-dev-*.npz (default {SHARED_DATA})",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's, one per core)",
+    )
     return p
 
 

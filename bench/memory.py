@@ -29,30 +29,31 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from _common import WrongResult, data_file, line, machine_line, parser, run
+from _common import WrongResult, data_file, line, machine_line, parser, project_params, run
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("prepare", "pretrain", "probe")
-SIMCLR_CIFAR = {"hflip": 0.5, "saturation": 0.4, "hue": 0.1, "grayscale_prob": 0.2,
-                "crop_scale": [0.2, 1.0]}
-
-
-def params_for(overrides: dict) -> dict:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for key, value in overrides.items():
-        if isinstance(value, dict):
-            params.setdefault(key, {}).update(value)
-        else:
-            params[key] = value
-    return params
+SIMCLR_CIFAR = {
+    "hflip": 0.5,
+    "saturation": 0.4,
+    "hue": 0.1,
+    "grayscale_prob": 0.2,
+    "crop_scale": [0.2, 1.0],
+}
 
 
 def peak_mb(stage: str, folder: Path) -> tuple[float, float]:
     """Run ``contrastive <stage>`` in ``folder``; its peak resident memory in MB and seconds."""
     start = time.perf_counter()
     env = {**os.environ, "TQDM_DISABLE": "1", "DVC_NO_ANALYTICS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "contrastive.cli", stage], cwd=folder, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "contrastive.cli", stage],
+        cwd=folder,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     output = proc.stdout.read() if proc.stdout else ""
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -68,8 +69,11 @@ def run_stages(name: str, params: dict, folder: Path) -> dict[str, float]:
     measured = {stage: peak_mb(stage, folder) for stage in STAGES}
     peaks = {stage: mb for stage, (mb, _) in measured.items()}
     totals = json.loads((folder / "data" / "prepared" / "manifest.json").read_text())["totals"]
-    line(f"memory {name}", *(f"{s} {mb:.0f} MB ({t:.0f} s)" for s, (mb, t) in measured.items()),
-         f"({totals['train']} train, {totals['val']} val, {totals['test']} test images)")
+    line(
+        f"memory {name}",
+        *(f"{s} {mb:.0f} MB ({t:.0f} s)" for s, (mb, t) in measured.items()),
+        f"({totals['train']} train, {totals['val']} val, {totals['test']} test images)",
+    )
     return peaks | {"train": totals["train"]}
 
 
@@ -84,8 +88,9 @@ def copies(train: Path, factor: int, out: Path) -> Path:
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--datasets", default="default",
-                   help="comma-separated: default, cifar (default: default)")
+    p.add_argument(
+        "--datasets", default="default", help="comma-separated: default, cifar (default: default)"
+    )
     p.add_argument("--growth", action="store_true", help="also 1x, 2x and 4x the CIFAR images")
     args = p.parse_args()
     names = [n for n in args.datasets.split(",") if n]
@@ -98,26 +103,41 @@ def main() -> None:
         tmp = Path(tmp)
 
         def cifar(path: Path) -> dict:
-            return params_for({"device": "cpu", "augment": SIMCLR_CIFAR,
-                               "data": {"source": "npz", "path": str(path),
-                                        "test_path": str(test), "image_size": 32},
-                               "train": {"epochs": 1, "knn_every": 1}})
+            return project_params(
+                {
+                    "device": "cpu",
+                    "augment": SIMCLR_CIFAR,
+                    "data": {
+                        "source": "npz",
+                        "path": str(path),
+                        "test_path": str(test),
+                        "image_size": 32,
+                    },
+                    "train": {"epochs": 1, "knn_every": 1},
+                }
+            )
 
         if "default" in names:
-            run_stages("default", params_for({"train": {"epochs": 1, "knn_every": 1}}),
-                       tmp / "default")
+            run_stages(
+                "default", project_params({"train": {"epochs": 1, "knn_every": 1}}), tmp / "default"
+            )
         if "cifar" in names:
             run_stages("cifar", cifar(train), tmp / "cifar")
         if args.growth:
-            runs = {f: run_stages(f"cifar {f}x", cifar(copies(train, f, tmp / f"train{f}.npz")),
-                                  tmp / f"cifar{f}")
-                    for f in (1, 2, 4)}
+            runs = {
+                f: run_stages(
+                    f"cifar {f}x", cifar(copies(train, f, tmp / f"train{f}.npz")), tmp / f"cifar{f}"
+                )
+                for f in (1, 2, 4)
+            }
             extra = runs[4]["train"] - runs[1]["train"]
             per_k = {s: (runs[4][s] - runs[1][s]) / extra * 1000 for s in STAGES}
             pixels_mb = 32 * 32 * 3 * 1000 / 2**20
-            line("memory growth per 1000 images",
-                 *(f"{s} +{mb:.1f} MB" for s, mb in per_k.items()),
-                 f"(images {pixels_mb:.1f} MB, raw-pixel features {4 * pixels_mb:.1f} MB)")
+            line(
+                "memory growth per 1000 images",
+                *(f"{s} +{mb:.1f} MB" for s, mb in per_k.items()),
+                f"(images {pixels_mb:.1f} MB, raw-pixel features {4 * pixels_mb:.1f} MB)",
+            )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import yaml
-from _common import WrongResult, line, machine_line, parser, run
+from _common import WrongResult, line, machine_line, parser, project_params, run
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMER = Path(__file__).resolve().parent / "_stage_timer.py"
@@ -41,8 +41,12 @@ SETUP_TARGET = 0.15
 TINY = {  # tests/conftest.py's tiny configuration: every stage in seconds
     "device": "cpu",
     "data": {"source": "digits", "image_size": 8},
-    "model": {"encoder": "small_cnn", "width": 8, "projection_hidden_dim": 32,
-              "projection_dim": 16},
+    "model": {
+        "encoder": "small_cnn",
+        "width": 8,
+        "projection_hidden_dim": 32,
+        "projection_dim": 16,
+    },
     "train": {"epochs": 3, "batch_size": 128, "warmup_epochs": 1, "knn_every": 2},
     "probe": {"weight_decays": [0.0, 0.001], "max_iter": 30, "knn_k": 20},
     "export": {"latency_repeats": 2},
@@ -51,15 +55,20 @@ TINY = {  # tests/conftest.py's tiny configuration: every stage in seconds
 
 def env() -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-            "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    return {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "DVC_NO_ANALYTICS": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
 
 
 def sh(args: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> tuple[float, str]:
     """Run a command; return its wall time and output; raise WrongResult when it fails."""
     start = time.perf_counter()
-    done = subprocess.run(args, cwd=cwd, env=env() | (extra_env or {}), capture_output=True,
-                          text=True, check=False)
+    done = subprocess.run(
+        args, cwd=cwd, env=env() | (extra_env or {}), capture_output=True, text=True, check=False
+    )
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
@@ -93,23 +102,20 @@ def make_project(root: Path, params: dict, timed: bool) -> Path:
     return root
 
 
-def merged(overrides: dict) -> dict:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for key, value in overrides.items():
-        if isinstance(value, dict):
-            params.setdefault(key, {}).update(value)
-        else:
-            params[key] = value
-    return params
-
-
 def project_is_current() -> bool:
     """The project's own pipeline has run and nothing is stale (so a repro there is a no-op)."""
     if not (ROOT / "dvc.lock").is_file() or not (ROOT / ".dvc").is_dir():
         return False
     try:
-        done = subprocess.run([*DVC, "status", "--json"], cwd=ROOT, env=env(),
-                              capture_output=True, text=True, timeout=120, check=False)
+        done = subprocess.run(
+            [*DVC, "status", "--json"],
+            cwd=ROOT,
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         return done.returncode == 0 and json.loads(done.stdout or "null") == {}
     except (subprocess.TimeoutExpired, json.JSONDecodeError):
         return False
@@ -125,7 +131,7 @@ def noop_repro(repeats: int, use_project: bool, ran: Path | None) -> None:
     else:
         tmp = tempfile.TemporaryDirectory(prefix="bench-noop-")
         where, folder = "temporary copy, tiny params", Path(tmp.name)
-        make_project(folder, merged(TINY), timed=False)
+        make_project(folder, project_params(TINY), timed=False)
         sh([*DVC, "repro"], folder)
     try:
         times = []
@@ -136,9 +142,12 @@ def noop_repro(repeats: int, use_project: bool, ran: Path | None) -> None:
             times.append(seconds)
         noop = statistics.median(times)
         python_start, _ = sh([sys.executable, "-c", "pass"], folder)
-        line("no-op dvc repro", f"{noop:.2f} s ({where}, median of {repeats})",
-             f"python start {python_start:.2f} s",
-             f"target < {NOOP_TARGET_S:g} s: {'met' if noop < NOOP_TARGET_S else 'NOT met'}")
+        line(
+            "no-op dvc repro",
+            f"{noop:.2f} s ({where}, median of {repeats})",
+            f"python start {python_start:.2f} s",
+            f"target < {NOOP_TARGET_S:g} s: {'met' if noop < NOOP_TARGET_S else 'NOT met'}",
+        )
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -155,9 +164,9 @@ def training_seconds(folder: Path, params: dict) -> float:
 
 def setup_share(folder: Path, epochs: int | None) -> None:
     """Run the pipeline in a new copy of the project at ``folder``; print where its time went."""
-    full_epochs = merged({})["train"]["epochs"]
+    full_epochs = project_params({})["train"]["epochs"]
     epochs = epochs or full_epochs
-    params = merged({"train": {"epochs": epochs}})
+    params = project_params({"train": {"epochs": epochs}})
     make_project(folder, params, timed=True)
     log = folder / "stages.jsonl"
     extra = {"BENCH_STAGE_LOG": str(log), "TQDM_DISABLE": "1"}
@@ -166,8 +175,7 @@ def setup_share(folder: Path, epochs: int | None) -> None:
     records = [json.loads(ln) for ln in log.read_text().splitlines()]
     stages = [r["stage"] for r in records]
     if sorted(stages) != sorted(ran_stages(output)):
-        raise WrongResult(f"timed stages {stages} differ from those DVC ran "
-                          f"{ran_stages(output)}")
+        raise WrongResult(f"timed stages {stages} differ from those DVC ran {ran_stages(output)}")
     train_s = training_seconds(folder, params)
 
     total = repro_s + metrics_s
@@ -183,8 +191,11 @@ def setup_share(folder: Path, epochs: int | None) -> None:
     part["epoch overhead"] = loop_s - train_s  # kNN monitor, checkpoints, per-epoch records
     part["training steps"] = train_s
     per_stage = "  ".join(f"{r['stage']} {r['ended'] - r['created']:.1f}" for r in records)
-    print(f"# measured run: {epochs} epochs, {total:.1f} s in all (dvc repro {repro_s:.1f} s + "
-          f"dvc metrics show {metrics_s:.1f} s); stage processes (s): {per_stage}", flush=True)
+    print(
+        f"# measured run: {epochs} epochs, {total:.1f} s in all (dvc repro {repro_s:.1f} s + "
+        f"dvc metrics show {metrics_s:.1f} s); stage processes (s): {per_stage}",
+        flush=True,
+    )
 
     scale = full_epochs / epochs
     full = dict(part)
@@ -196,26 +207,42 @@ def setup_share(folder: Path, epochs: int | None) -> None:
         run_total = sum(figures.values())
         setup = figures["dvc"] + figures["interpreter"] + figures["imports"]
         outside = 1 - figures["training steps"] / run_total
-        how = f"{epochs} epochs" if label == "measured" else \
-            f"{full_epochs} epochs, extrapolated from {epochs}"
-        line(f"run set-up share ({label})", f"{setup / run_total:.1%} of {run_total:.0f} s",
-             f"outside training {outside:.1%}", how,
-             f"target < {SETUP_TARGET:.0%}: "
-             f"{'met' if setup / run_total < SETUP_TARGET else 'NOT met'}")
-        print("#   " + ", ".join(f"{k} {v:.1f} s ({v / run_total:.0%})" for k, v in
-                                  figures.items()), flush=True)
+        how = (
+            f"{epochs} epochs"
+            if label == "measured"
+            else f"{full_epochs} epochs, extrapolated from {epochs}"
+        )
+        line(
+            f"run set-up share ({label})",
+            f"{setup / run_total:.1%} of {run_total:.0f} s",
+            f"outside training {outside:.1%}",
+            how,
+            f"target < {SETUP_TARGET:.0%}: "
+            f"{'met' if setup / run_total < SETUP_TARGET else 'NOT met'}",
+        )
+        print(
+            "#   " + ", ".join(f"{k} {v:.1f} s ({v / run_total:.0%})" for k, v in figures.items()),
+            flush=True,
+        )
 
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=5,
-                   help="pretraining epochs of the measured run (default 5; the default run's "
-                        "figures are extrapolated)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=5,
+        help="pretraining epochs of the measured run (default 5; the default run's "
+        "figures are extrapolated)",
+    )
     p.add_argument("--full", action="store_true", help="run the default params.yaml as it is")
     p.add_argument("--repeats", type=int, default=3, help="no-op repros timed (default 3)")
-    p.add_argument("--tmp", action="store_true",
-                   help="time the no-op in a temporary copy even if the project's pipeline is "
-                        "current (a repro in the project folder takes DVC's lock)")
+    p.add_argument(
+        "--tmp",
+        action="store_true",
+        help="time the no-op in a temporary copy even if the project's pipeline is "
+        "current (a repro in the project folder takes DVC's lock)",
+    )
     p.add_argument("--skip-run", action="store_true", help="only the no-op repro")
     args = p.parse_args()
     print(machine_line("pipeline overhead"), flush=True)
