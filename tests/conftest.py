@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,20 @@ def write_params(folder: Path, overrides: dict[str, Any] | None = None) -> Path:
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
+
+
+def make_dvc_project(root: Path) -> None:
+    """Make ``root`` a committed git + DVC project with this repository's dvc.yaml, .dvcignore and
+    code, and the tiny params."""
+    shutil.copy(ROOT / "dvc.yaml", root)
+    shutil.copytree(ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    write_params(root)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(command, cwd=root, check=True, capture_output=True)
+    shutil.copy(ROOT / ".dvcignore", root)  # after dvc init, which writes its own
+    for command in ([*git, "add", "-A"], [*git, "commit", "-q", "-m", "init"]):
+        subprocess.run(command, cwd=root, check=True, capture_output=True)
 
 
 @pytest.fixture

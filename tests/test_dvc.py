@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ import mlflow
 import pytest
 import yaml
 
-from tests.conftest import ROOT, write_params
+from tests.conftest import make_dvc_project
 
 
 def _run(args: list[str], cwd: Path) -> str:
@@ -36,18 +35,11 @@ def _ran(output: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A git + DVC project with this repository's dvc.yaml and code, and the tiny params; its
+    """A git + DVC project (conftest.make_dvc_project) with the tiny params; its
     MLflow store is a SQLite file in another temporary folder."""
     root = tmp_path_factory.mktemp("project")
     store = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
-    shutil.copy(ROOT / "dvc.yaml", root)
-    shutil.copytree(ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    write_params(root)
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    _run(["git", "init", "-q"], root)
-    _run([sys.executable, "-m", "dvc", "init", "-q"], root)
-    _run([*git, "add", "-A"], root)
-    _run([*git, "commit", "-q", "-m", "init"], root)
+    make_dvc_project(root)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
         yield root

@@ -35,7 +35,7 @@ from pipeline.retrain import (
     workspace_lock,
 )
 from pipeline.settings import Settings
-from tests.conftest import ROOT, write_params
+from tests.conftest import ROOT, make_dvc_project
 
 # `contrastive`, except that the first pretraining stops after its first epoch's checkpoint and
 # exits 1, as a killed worker would. Put first on PATH for the first run only.
@@ -70,15 +70,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, prefect_api: None) -> Iter
     its MLflow store (a SQLite file) in another temporary folder, and no delay before a retry."""
     root = tmp_path_factory.mktemp("flow")
     store = tmp_path_factory.mktemp("flow-mlflow") / "mlflow.db"
-    shutil.copy(ROOT / "dvc.yaml", root)
-    shutil.copytree(ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    write_params(root)
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
-        subprocess.run(command, cwd=root, check=True, capture_output=True)
-    shutil.copy(ROOT / ".dvcignore", root)  # after dvc init, which writes its own
-    for command in ([*git, "add", "-A"], [*git, "commit", "-q", "-m", "init"]):
-        subprocess.run(command, cwd=root, check=True, capture_output=True)
+    make_dvc_project(root)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
         patch.setenv("RETRAIN_RETRY_DELAY_S", "0")
