@@ -107,7 +107,7 @@ class Reference:
         self.encoder = build_encoder(params.model)
         self.head = ProjectionHead(self.encoder.embedding_dim, params.model.projection_hidden_dim,
                                    params.model.projection_dim)
-        self.optimizer = build_optimizer([self.encoder, self.head], cfg, fused=False)
+        self.optimizer = build_optimizer(torch.nn.ModuleList([self.encoder, self.head]), cfg, fused=False)
         self.criterion = NTXentLoss(cfg.temperature)
         self.loader = DataLoader(TwoViews(train_x, transform), batch_size=cfg.batch_size,
                                  shuffle=True, drop_last=True, num_workers=workers,

@@ -28,7 +28,7 @@ def test_each_optimizer_reduces_a_loss(name: str) -> None:
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 1)
     x, y = torch.randn(64, 8), torch.randn(64, 1)
-    opt = build_optimizer([model], TrainConfig(optimizer=name, lr=0.5, batch_size=256), False)
+    opt = build_optimizer(model, TrainConfig(optimizer=name, lr=0.5, batch_size=256), False)
     first = None
     for _ in range(50):
         loss = torch.nn.functional.mse_loss(model(x), y)
@@ -45,3 +45,15 @@ def test_lars_leaves_biases_unadapted() -> None:
     LARS([bias], lr=0.1, momentum=0.0, weight_decay=0.5).step()
     # plain SGD without weight decay: 1 - 0.1 * 2
     assert torch.allclose(bias, torch.full((3,), 0.8))
+
+
+def test_a_learned_temperature_gets_no_weight_decay() -> None:
+    from contrastive.losses import Temperature
+
+    module = torch.nn.Module()
+    module.linear = torch.nn.Linear(4, 2)
+    module.temperature = Temperature(0.2, learnable=True)
+    opt = build_optimizer(module, TrainConfig(weight_decay=0.1), False)
+    decays = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decays[id(module.temperature.log_t)] == 0.0
+    assert decays[id(module.linear.weight)] == 0.1

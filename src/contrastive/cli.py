@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from contrastive import paths
 from contrastive.config import ConfigError, Params, StageFailed, load_params
 
 
@@ -40,12 +41,7 @@ def _export(params: Params) -> dict[str, Any]:
     from contrastive.export import export_encoder
 
     return export_encoder(
-        "models/encoder.pt",
-        "models/probe.pt",
-        "data/prepared",
-        "models/encoder.onnx",
-        "metrics/export.json",
-        params.export,
+        paths.ENCODER, paths.PROBE, paths.PREPARED, paths.ONNX, paths.EXPORT_METRICS, params.export
     )
 
 
@@ -56,8 +52,8 @@ def _register(params: Params) -> dict[str, Any]:
 
 
 STAGES: dict[str, tuple[Callable[[Params], dict[str, Any]], str]] = {
-    "prepare": (_prepare, "load, clean and split the dataset into data/prepared"),
-    "pretrain": (_pretrain, "contrastive pretraining of the encoder -> models/encoder.pt"),
+    "prepare": (_prepare, f"load, clean and split the dataset into {paths.PREPARED}"),
+    "pretrain": (_pretrain, f"contrastive pretraining of the encoder -> {paths.ENCODER}"),
     "probe": (_probe, "linear probe and kNN on frozen features, with baselines"),
     "export": (_export, "export the encoder to ONNX and check it with onnxruntime"),
     "register": (_register, "log the run to MLflow, register the model, apply the promotion gate"),

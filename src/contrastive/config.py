@@ -19,7 +19,7 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]
 
-ENCODERS = ("small_cnn", "resnet18_cifar", "resnet18", "resnet34", "resnet50")
+ENCODERS = ("small_cnn", "resnet18_cifar", "resnet18", "resnet34", "resnet50", "vit_tiny")
 SOURCES = ("digits", "cifar10", "stl10", "npz", "imagefolder")
 
 
@@ -58,10 +58,13 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     """The encoder and the projection head (stage ``pretrain``)."""
 
-    encoder: Literal["small_cnn", "resnet18_cifar", "resnet18", "resnet34", "resnet50"] = (
-        "small_cnn"
-    )
+    encoder: Literal[
+        "small_cnn", "resnet18_cifar", "resnet18", "resnet34", "resnet50", "vit_tiny"
+    ] = "small_cnn"
     width: Annotated[int, Field(ge=4, le=512)] = 32
+    """``small_cnn`` only: channels of the first stage."""
+    patch_size: Annotated[int, Field(ge=1)] = 4
+    """``vit_tiny`` only: side of the square patches; must divide ``data.image_size``."""
     projection_hidden_dim: Annotated[int, Field(ge=8)] = 256
     projection_dim: Annotated[int, Field(ge=2)] = 64
 
@@ -92,10 +95,53 @@ class AugmentConfig(_Section):
         return self
 
 
-class TrainConfig(_Section):
-    """Contrastive pretraining: method, optimiser, schedule and precision."""
+class MoCoConfig(_Section):
+    """MoCo v2 (He et al. 2020; Chen et al. 2020): a momentum key encoder and a queue of keys."""
 
-    method: Literal["simclr"] = "simclr"
+    queue_size: Annotated[int, Field(gt=0)] = 4096
+    """Negative keys kept in the FIFO queue; at least ``train.batch_size``."""
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.99
+    """EMA factor of the key encoder: ``key = m * key + (1 - m) * query``."""
+    momentum_schedule: Literal["constant", "cosine"] = "constant"
+    """``cosine`` raises the momentum from ``momentum`` to 1 over training (BYOL's schedule)."""
+    symmetric: bool = False
+    """Also use the second view as the query and the first as the key, and average both losses."""
+
+
+class TripletConfig(_Section):
+    """Triplet loss (Schroff et al. 2015) with negatives mined in the batch."""
+
+    margin: PositiveFloat = 0.2
+    mining: Literal["batch_hard", "semi_hard", "all"] = "batch_hard"
+    supervised: bool = False
+    """``true``: positives are images of the same class; ``false``: two views of one image."""
+
+
+class MarginPairConfig(_Section):
+    """Pairwise contrastive loss (Hadsell et al. 2006): ``d`` for positives,
+    ``alpha * max(0, margin - d)^2`` for negatives."""
+
+    margin: PositiveFloat = 0.5
+    alpha: PositiveFloat = 1.0
+    """Weight of the negative pairs against the positive pairs."""
+    negatives_per_positive: Annotated[int, Field(ge=1)] = 1
+    supervised: bool = False
+    """``true``: positives are images of the same class; ``false``: two views of one image."""
+
+
+METHODS = ("simclr", "moco", "triplet", "margin_pair", "supcon")
+TEMPERATURE_METHODS = ("simclr", "moco", "supcon")
+"""The InfoNCE family: the methods that use ``train.temperature``."""
+
+
+class TrainConfig(_Section):
+    """Contrastive pretraining: method, optimiser, schedule and precision.
+
+    ``method`` chooses the objective; a method's own params sit under its name
+    (``train.moco.queue_size``) and are read only when that method is chosen.
+    """
+
+    method: Literal["simclr", "moco", "triplet", "margin_pair", "supcon"] = "simclr"
     epochs: Annotated[int, Field(ge=1, le=10_000)] = 60
     batch_size: Annotated[int, Field(ge=2)] = 256
     optimizer: Literal["sgd", "adamw", "lars"] = "sgd"
@@ -105,11 +151,52 @@ class TrainConfig(_Section):
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     warmup_epochs: Annotated[int, Field(ge=0)] = 5
     temperature: PositiveFloat = 0.2
+    """InfoNCE methods (simclr, moco, supcon): the softmax temperature, or its start value."""
+    learn_temperature: bool = False
+    """Learn the temperature as a parameter in log space, clamped to [0.01, 1] as CLIP does."""
+    class_balance: Literal["none", "sampler", "weights"] = "none"
+    """Methods that use labels: a class-balanced batch order, or inverse-frequency loss weights."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
     compile: bool = False
     knn_every: Annotated[int, Field(ge=0)] = 5
     """Run the kNN monitor on the validation split every N epochs (0: never)."""
+    moco: MoCoConfig = MoCoConfig()
+    triplet: TripletConfig = TripletConfig()
+    margin_pair: MarginPairConfig = MarginPairConfig()
+
+    @property
+    def uses_labels(self) -> bool:
+        """Whether the chosen method reads the labels of the prepared data."""
+        return (
+            self.method == "supcon"
+            or (self.method == "triplet" and self.triplet.supervised)
+            or (self.method == "margin_pair" and self.margin_pair.supervised)
+        )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"train.warmup_epochs must be smaller than train.epochs ({self.epochs}), got "
+                f"{self.warmup_epochs}: the schedule would never reach its peak"
+            )
+        if self.learn_temperature and self.method not in TEMPERATURE_METHODS:
+            raise ValueError(
+                f"train.learn_temperature: method '{self.method}' has no temperature; "
+                f"it is for {', '.join(TEMPERATURE_METHODS)}"
+            )
+        if self.class_balance != "none" and not self.uses_labels:
+            raise ValueError(
+                f"train.class_balance: '{self.class_balance}' needs a method that uses labels "
+                "(supcon, or triplet/margin_pair with supervised: true); use none"
+            )
+        if self.method == "moco" and self.moco.queue_size < self.batch_size:
+            raise ValueError(
+                f"train.moco.queue_size must be at least train.batch_size ({self.batch_size}), "
+                f"got {self.moco.queue_size}"
+            )
+        return self
 
 
 class ProbeConfig(_Section):
@@ -177,6 +264,17 @@ class Params(_Section):
     schedule: ScheduleConfig = ScheduleConfig()
 
 
+def _method_sections_with(name: str) -> list[str]:
+    """The method sections of ``train`` that have a key ``name``: ``["train.moco"]``."""
+    return [
+        f"train.{method}"
+        for method, field in TrainConfig.model_fields.items()
+        if isinstance(field.annotation, type)
+        and issubclass(field.annotation, _Section)
+        and name in field.annotation.model_fields
+    ]
+
+
 def _describe(error: dict[str, Any], where: str) -> str:
     key = ".".join(str(part) for part in error["loc"])
     kind = error["type"]
@@ -185,7 +283,9 @@ def _describe(error: dict[str, Any], where: str) -> str:
         for part in error["loc"][:-1]:
             section = section.model_fields[str(part)].annotation  # type: ignore[assignment]
         allowed = ", ".join(section.model_fields)
-        return f"{where}: unknown key '{key}'; allowed here: {allowed}"
+        owners = _method_sections_with(str(error["loc"][-1]))
+        hint = f" ('{error['loc'][-1]}' belongs to {' and '.join(owners)})" if owners else ""
+        return f"{where}: unknown key '{key}'{hint}; allowed here: {allowed}"
     message = error["msg"].removeprefix("Value error, ")
     if kind == "value_error":
         return f"{where}: {message}"

@@ -206,7 +206,7 @@ def probe_stage(
     results, probe, predictions = evaluate_features(pretrained, num_classes, params)
 
     torch.manual_seed(params.seed)
-    random_encoder = build_encoder(ModelConfig(**info.model))
+    random_encoder = build_encoder(ModelConfig(**info.model), info.image_size)
     random_feats = _encoder_features(
         random_encoder, splits, info.mean, info.std, device, params.probe.batch_size, "random-init"
     )

@@ -1,10 +1,53 @@
-"""Contrastive losses."""
+"""Contrastive losses: small, typed classes, each with its paper and a direct-formula test.
+
+Every loss computes in float32 with autocast off, whatever precision the encoder ran in: the
+exponentials and log-sum-exps of a contrastive loss lose too much in bf16.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def _float32(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.float() for t in tensors]
+
+
+class Temperature(nn.Module):
+    """A softmax temperature: fixed, or learned as ``log t`` and kept in ``[low, high]``.
+
+    CLIP (Radford et al. 2021) learns the inverse temperature in log space and clips it at 100;
+    here ``log t`` is a parameter clamped by :meth:`clamp_` after each optimiser step, so ``t``
+    stays in ``[0.01, 1]``. A fixed temperature is returned as the exact float it was given.
+    """
+
+    def __init__(
+        self, initial: float, learnable: bool = False, low: float = 0.01, high: float = 1.0
+    ) -> None:
+        super().__init__()
+        if initial <= 0:
+            raise ValueError(f"temperature must be > 0, got {initial}")
+        self.initial, self.learnable = initial, learnable
+        self.bounds = (math.log(low), math.log(high))
+        if learnable:
+            start = min(max(math.log(initial), self.bounds[0]), self.bounds[1])
+            self.log_t = nn.Parameter(torch.tensor(start, dtype=torch.float32))
+
+    def forward(self) -> torch.Tensor | float:
+        return self.log_t.exp() if self.learnable else self.initial
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        if self.learnable:
+            self.log_t.clamp_(*self.bounds)
+
+    def history(self) -> dict[str, float]:
+        """``{"temperature": t}`` for the per-epoch history when learned; nothing when fixed."""
+        return {"temperature": float(self())} if self.learnable else {}
 
 
 class NTXentLoss(nn.Module):
@@ -25,15 +68,28 @@ class NTXentLoss(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
 
-    def forward(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
-        """``z_a``, ``z_b``: projections of the two views, ``(N, D)``; row i of each is image i."""
-        n = z_a.shape[0]
-        # z: (2N, D), unit length; views of image i sit at rows i and i + N
-        z = F.normalize(torch.cat([z_a, z_b]).float(), dim=1)
-        # logits: (2N, 2N) cosine similarities over the temperature
-        logits = z @ z.T / self.temperature
-        # a view is never its own negative
-        logits.fill_diagonal_(float("-inf"))
-        # targets: (2N,) index of each view's partner
-        targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-        return F.cross_entropy(logits, targets)
+    def forward(
+        self,
+        z_a: torch.Tensor,
+        z_b: torch.Tensor,
+        temperature: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """``z_a``, ``z_b``: projections of the two views, ``(N, D)``; row i of each is image i.
+
+        ``temperature`` (a scalar tensor, possibly learned) replaces the constructor's value.
+        """
+        t = self.temperature if temperature is None else temperature
+        with torch.autocast(z_a.device.type, enabled=False):
+            z_a, z_b = _float32(z_a, z_b)
+            n = z_a.shape[0]
+            # z: (2N, D), unit length; views of image i sit at rows i and i + N
+            z = F.normalize(torch.cat([z_a, z_b]), dim=1)
+            # logits: (2N, 2N) cosine similarities over the temperature
+            logits = z @ z.T / t
+            # a view is never its own negative
+            logits = logits.masked_fill(
+                torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf")
+            )
+            # targets: (2N,) index of each view's partner
+            targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+            return F.cross_entropy(logits, targets)

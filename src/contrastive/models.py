@@ -68,8 +68,9 @@ def _torchvision_resnet(name: str, cifar_stem: bool) -> nn.Module:
     return net
 
 
-def build_encoder(cfg: ModelConfig) -> nn.Module:
-    """The encoder named by ``model.encoder``; it has an ``embedding_dim`` attribute."""
+def build_encoder(cfg: ModelConfig, image_size: int = 32) -> nn.Module:
+    """The encoder named by ``model.encoder`` for square images of ``image_size``; it has an
+    ``embedding_dim`` attribute."""
     if cfg.encoder == "small_cnn":
         return SmallCNN(cfg.width)
     if cfg.encoder == "resnet18_cifar":
@@ -137,7 +138,7 @@ def load_encoder(path: str | Path) -> tuple[nn.Module, EncoderInfo]:
     """Rebuild a saved encoder (in eval mode, on the CPU) and its :class:`EncoderInfo`."""
     blob = torch.load(path, map_location="cpu", weights_only=True)
     info = EncoderInfo(**blob["info"])
-    encoder = build_encoder(ModelConfig(**info.model))
+    encoder = build_encoder(ModelConfig(**info.model), info.image_size)
     encoder.load_state_dict(blob["state_dict"])
     return encoder.eval(), info
 

@@ -59,18 +59,23 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(
-    modules: list[nn.Module], cfg: TrainConfig, fused: bool
+    module: nn.Module, cfg: TrainConfig, fused: bool
 ) -> torch.optim.Optimizer:
-    """The optimiser named by ``train.optimizer``, at the batch-scaled learning rate."""
-    params = [p for m in modules for p in m.parameters()]
+    """The optimiser named by ``train.optimizer`` over ``module``'s trainable parameters, at the
+    batch-scaled learning rate. Scalars (a learned temperature) get no weight decay."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    groups: list[dict] = [{"params": [p for p in trainable if p.ndim > 0]}]
+    scalars = [p for p in trainable if p.ndim == 0]
+    if scalars:
+        groups.append({"params": scalars, "weight_decay": 0.0})
     lr = scaled_lr(cfg)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
-            params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused or None
+            groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused or None
         )
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=fused or None)
-    return LARS(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay, fused=fused or None)
+    return LARS(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def scaled_lr(cfg: TrainConfig) -> float:

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import torch
 
-from contrastive.config import ConfigError
+from contrastive.config import ConfigError, TrainConfig
 
 
 def resolve_device(name: str) -> torch.device:
@@ -25,3 +25,15 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> tuple[bool, bool]:
+    """``(bf16, channels_last)`` from ``train.precision`` and ``train.channels_last``.
+
+    ``auto`` turns both on for CUDA and leaves them off on the CPU.
+    """
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    channels_last = cfg.channels_last == "on" or (
+        cfg.channels_last == "auto" and device.type == "cuda"
+    )
+    return bf16, channels_last
