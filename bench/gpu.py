@@ -122,7 +122,7 @@ def main() -> None:
         metrics = pretrain(params, tmp / "prepared", tmp / "encoder.pt", tmp / "checkpoints",
                            tmp / "pretrain.json", tmp / "pretrain.csv", tmp / "knn.csv")
         wall = time.perf_counter() - started
-        history = torch.load(tmp / "checkpoints" / "last.pt", weights_only=False)["history"]
+        history = torch.load(tmp / "checkpoints" / "last.pt", weights_only=True)["history"]
     if not all(np.isfinite(h["loss"]) for h in history):
         raise WrongResult(f"loss not finite: {[h['loss'] for h in history]}")
     steps = args.images // args.batch

@@ -75,7 +75,7 @@ def main() -> None:
             out = tmp / f"run{factor}"
             pretrain(params, prepared[factor], out / "encoder.pt", out / "checkpoints",
                      out / "pretrain.json", out / "pretrain.csv", out / "knn.csv")
-            state = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+            state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
             h = state["history"][-1]
             if not math.isfinite(h["loss"]):
                 raise WrongResult(f"{factor}x: loss {h['loss']}")

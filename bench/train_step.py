@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from views import torchvision_pipeline
 
-import contrastive.train
+from contrastive.callbacks import Callback, TrainState
 from contrastive.config import AugmentConfig, DataConfig, Params, load_params, parse_params
 from contrastive.data import load_manifest, load_split, prepare
 from contrastive.evaluate import Features, evaluate_features, extract_features
@@ -107,7 +107,8 @@ class Reference:
         self.encoder = build_encoder(params.model)
         self.head = ProjectionHead(self.encoder.embedding_dim, params.model.projection_hidden_dim,
                                    params.model.projection_dim)
-        self.optimizer = build_optimizer(torch.nn.ModuleList([self.encoder, self.head]), cfg, fused=False)
+        both = torch.nn.ModuleList([self.encoder, self.head])
+        self.optimizer = build_optimizer(both, cfg, fused=False)
         self.criterion = NTXentLoss(cfg.temperature)
         self.loader = DataLoader(TwoViews(train_x, transform), batch_size=cfg.batch_size,
                                  shuffle=True, drop_last=True, num_workers=workers,
@@ -166,20 +167,16 @@ class Turns:
             self.changed.notify_all()
 
 
-_turn = threading.local()
-_save_checkpoint = contrastive.train._save_checkpoint
+class HandOver(Callback):
+    """The project's end of epoch (after its checkpoint): let the next run have its epoch."""
 
+    def __init__(self, turns: Turns, name: str) -> None:
+        self.turns, self.name = turns, name
 
-def _save_checkpoint_then_hand_over(*args, **kwargs) -> None:
-    """The project's end of epoch: save as usual, then let the next run have its epoch."""
-    _save_checkpoint(*args, **kwargs)
-    turns, name = getattr(_turn, "turns", None), getattr(_turn, "name", None)
-    if turns is not None:
-        turns.hand_over(name)
-        turns.wait(name)
-
-
-contrastive.train._save_checkpoint = _save_checkpoint_then_hand_over
+    def on_epoch_end(self, state: TrainState, record: dict) -> None:
+        if state.epoch < state.epochs:
+            self.turns.hand_over(self.name)
+            self.turns.wait(self.name)
 
 
 class Project:
@@ -192,12 +189,12 @@ class Project:
         self.history: list[dict[str, float]] = []
 
     def run(self, turns: Turns, name: str) -> None:
-        _turn.turns, _turn.name = turns, name
         f = self.folder
         self.metrics = pretrain(self.params, self.prepared, encoder_path=f / "encoder.pt",
                                 checkpoint_dir=f / "checkpoints", metrics_path=f / "pretrain.json",
-                                history_path=f / "pretrain.csv", knn_path=f / "knn.csv")
-        state = torch.load(f / "checkpoints" / "last.pt", weights_only=False)
+                                history_path=f / "pretrain.csv", knn_path=f / "knn.csv",
+                                callbacks=[HandOver(turns, name)])
+        state = torch.load(f / "checkpoints" / "last.pt", weights_only=True)
         self.history = state["history"]
 
 
