@@ -37,6 +37,7 @@ def test_all_stages_produce_their_outputs(workspace: Path, capsys: pytest.Captur
 
     pretrain = json.loads(Path("metrics/pretrain.json").read_text())
     assert pretrain["epochs"] == 3 and pretrain["device"] == "cpu"
+    assert pretrain["collapsed"] is False and 0.1 < pretrain["embedding_spread"] <= 2**0.5
     history = Path("plots/pretrain.csv").read_text().splitlines()
     assert history[0] == "epoch,loss,lr,images_per_s" and len(history) == 4
     assert [line.split(",")[0] for line in Path("plots/knn.csv").read_text().splitlines()] == [
