@@ -93,3 +93,54 @@ class NTXentLoss(nn.Module):
             # targets: (2N,) index of each view's partner
             targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
             return F.cross_entropy(logits, targets)
+
+
+class InfoNCELoss(nn.Module):
+    """InfoNCE against a queue of negative keys: the loss of MoCo.
+
+    He et al., "Momentum Contrast for Unsupervised Visual Representation Learning", CVPR 2020,
+    Eq. 1 (the name is from van den Oord et al., "Representation Learning with Contrastive
+    Predictive Coding", 2018). Query ``q_i`` has one positive key ``k_i`` (the other view of its
+    image) and the K keys ``n_j`` of the queue as negatives; the loss is the mean over the N
+    queries of
+
+        -log( exp(q_i . k_i / t) / (exp(q_i . k_i / t) + sum_j exp(q_i . n_j / t)) )
+
+    on L2-normalised vectors: a (1 + K)-way softmax classifier that must pick the positive key.
+    """
+
+    def __init__(self, temperature: float = 0.2) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        queue: torch.Tensor,
+        temperature: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """``q``: queries ``(N, D)``; ``k``: their positive keys ``(N, D)``, row i for query i;
+        ``queue``: negative keys ``(K, D)``.
+
+        ``temperature`` (a scalar tensor, possibly learned) replaces the constructor's value.
+        """
+        if k.shape != q.shape or queue.ndim != 2 or queue.shape[1] != q.shape[1]:
+            raise ValueError(
+                f"expected q and k of one shape (N, D) and a queue (K, D), got "
+                f"{tuple(q.shape)}, {tuple(k.shape)} and {tuple(queue.shape)}"
+            )
+        t = self.temperature if temperature is None else temperature
+        with torch.autocast(q.device.type, enabled=False):
+            # q, k: (N, D) and queue: (K, D), all unit length
+            q, k, queue = (F.normalize(x, dim=1) for x in _float32(q, k, queue))
+            # positive: (N, 1) similarity of each query with its own key
+            positive = (q * k).sum(dim=1, keepdim=True)
+            # negative: (N, K) similarity of each query with every queued key
+            negative = q @ queue.T
+            # logits: (N, 1 + K) over the temperature; the positive is class 0 of every row
+            logits = torch.cat([positive, negative], dim=1) / t
+            targets = torch.zeros(len(q), dtype=torch.long, device=q.device)
+            return F.cross_entropy(logits, targets)
