@@ -1,0 +1,59 @@
+"""Margin pairs (Hadsell et al., CVPR 2006): an MLP head and the pairwise contrastive loss."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from contrastive.config import Params
+from contrastive.losses import MarginPairLoss
+from contrastive.methods.base import Method
+from contrastive.models import ProjectionHead
+
+
+class MarginPair(Method):
+    """Positive pairs are the two views of an image, or, ``supervised``, any two views of a
+    class; each positive pair gets ``negatives_per_positive`` negative pairs, chosen without
+    randomness from the batch (:class:`~contrastive.losses.MarginPairLoss`).
+    """
+
+    name = "margin_pair"
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        hidden_dim: int,
+        out_dim: int,
+        criterion: MarginPairLoss,
+        supervised: bool,
+        class_weights: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(encoder)
+        self.head = ProjectionHead(encoder.embedding_dim, hidden_dim, out_dim)
+        self.criterion = criterion
+        self.supervised = supervised
+        # derived from the data, not learned: kept out of the checkpoint
+        self.class_weights: torch.Tensor | None
+        self.register_buffer("class_weights", class_weights, persistent=False)
+
+    @classmethod
+    def from_params(
+        cls, encoder: nn.Module, params: Params, class_weights: torch.Tensor | None
+    ) -> MarginPair:
+        m, p = params.model, params.train.margin_pair
+        return cls(
+            encoder,
+            m.projection_hidden_dim,
+            m.projection_dim,
+            MarginPairLoss(p.margin, p.alpha, p.negatives_per_positive),
+            p.supervised,
+            class_weights,
+        )
+
+    def forward(
+        self, view_a: torch.Tensor, view_b: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        # z: (2N, projection_dim); rows i and i + N are the two views of image i
+        z = self.head(self.encoder(torch.cat([view_a, view_b])))
+        weights = None if self.class_weights is None else self.class_weights[labels]
+        return self.criterion(*z.chunk(2), labels if self.supervised else None, weights)

@@ -1,0 +1,59 @@
+"""Triplet (Schroff et al., CVPR 2015): an MLP head and a triplet loss mined in the batch."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from contrastive.config import Params
+from contrastive.losses import TripletLoss
+from contrastive.methods.base import Method
+from contrastive.models import ProjectionHead
+
+
+class Triplet(Method):
+    """An anchor's positive is the other view of its image, or, ``supervised``, any view of its
+    class; its negatives are the views of other images (other classes). ``mining`` picks the
+    triplets (:class:`~contrastive.losses.TripletLoss`).
+    """
+
+    name = "triplet"
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        hidden_dim: int,
+        out_dim: int,
+        criterion: TripletLoss,
+        supervised: bool,
+        class_weights: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(encoder)
+        self.head = ProjectionHead(encoder.embedding_dim, hidden_dim, out_dim)
+        self.criterion = criterion
+        self.supervised = supervised
+        # derived from the data, not learned: kept out of the checkpoint
+        self.class_weights: torch.Tensor | None
+        self.register_buffer("class_weights", class_weights, persistent=False)
+
+    @classmethod
+    def from_params(
+        cls, encoder: nn.Module, params: Params, class_weights: torch.Tensor | None
+    ) -> Triplet:
+        m, t = params.model, params.train.triplet
+        return cls(
+            encoder,
+            m.projection_hidden_dim,
+            m.projection_dim,
+            TripletLoss(t.margin, t.mining),
+            t.supervised,
+            class_weights,
+        )
+
+    def forward(
+        self, view_a: torch.Tensor, view_b: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        # z: (2N, projection_dim); rows i and i + N are the two views of image i
+        z = self.head(self.encoder(torch.cat([view_a, view_b])))
+        weights = None if self.class_weights is None else self.class_weights[labels]
+        return self.criterion(*z.chunk(2), labels if self.supervised else None, weights)
