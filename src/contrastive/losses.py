@@ -47,7 +47,7 @@ class Temperature(nn.Module):
 
     def history(self) -> dict[str, float]:
         """``{"temperature": t}`` for the per-epoch history when learned; nothing when fixed."""
-        return {"temperature": float(self())} if self.learnable else {}
+        return {"temperature": float(self.log_t.detach().exp())} if self.learnable else {}
 
 
 class NTXentLoss(nn.Module):

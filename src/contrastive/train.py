@@ -186,10 +186,9 @@ def pretrain(
     num_classes = manifest["num_classes"]
     encoder = build_encoder(params.model, manifest["image_size"])
     weights = class_weights(train_y, num_classes) if cfg.class_balance == "weights" else None
-    method = build(encoder, params, weights).to(device)
-    encoder.to(memory_format=memory_format)
+    method = build(encoder, params, weights).to(device, memory_format=memory_format)
     if cfg.compile:
-        encoder.compile()
+        encoder.compile()  # in place: the state_dict keys stay the same
     optimizer = build_optimizer(method, cfg, fused=device.type == "cuda")
     mean, std = manifest["mean"], manifest["std"]
     batches = InMemoryBatches(
