@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("CONTRASTIVE_LIVE_TRACKING", "0")  # on in the tests of live tracking
 
 TINY: dict[str, Any] = {
     "seed": 0,

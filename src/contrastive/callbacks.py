@@ -37,6 +37,8 @@ class TrainState:
     epochs: int
     steps_per_epoch: int
     images_per_step: int
+    run_key: str
+    """Identifies the run's params and data: a checkpoint resumes only a run of the same key."""
     epoch: int = 0
     """Epochs completed."""
     history: list[dict[str, float]] = field(default_factory=list)
@@ -117,9 +119,8 @@ class Checkpointer(Callback):
 
     FILE = "last.pt"
 
-    def __init__(self, folder: str | Path, run_key: str) -> None:
+    def __init__(self, folder: str | Path) -> None:
         self.path = Path(folder) / self.FILE
-        self.run_key = run_key
 
     def on_epoch_end(self, state: TrainState, record: dict[str, Any]) -> None:
         bad = all_finite(state.method)
@@ -129,7 +130,7 @@ class Checkpointer(Callback):
                 f"{state.kept()}. Lower train.lr or raise train.temperature"
             )
         payload = {
-            "run_key": self.run_key,
+            "run_key": state.run_key,
             "epoch": state.epoch,
             "method": state.method.state_dict(),
             "optimizer": state.optimizer.state_dict(),
@@ -157,7 +158,7 @@ class Checkpointer(Callback):
                 f"{self.path}: not a readable checkpoint ({reason}); delete it to train from "
                 "the start, or put back a good copy to resume"
             ) from None
-        if run_key != self.run_key:
+        if run_key != state.run_key:
             tqdm.write(f"pretrain: {self.path} belongs to other params; training from the start")
             return False
         state.method.load_state_dict(saved["method"])

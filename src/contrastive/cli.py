@@ -26,9 +26,10 @@ def _prepare(params: Params) -> dict[str, Any]:
 
 
 def _pretrain(params: Params) -> dict[str, Any]:
+    from contrastive import live
     from contrastive.train import pretrain
 
-    return pretrain(params)
+    return pretrain(params, callbacks=[live.LiveRun(params)] if live.enabled() else [])
 
 
 def _probe(params: Params) -> dict[str, Any]:

@@ -202,9 +202,11 @@ def pretrain(
         memory_format,
         balanced=cfg.class_balance == "sampler",
     )
-    state = TrainState(method, optimizer, cfg.epochs, batches.steps_per_epoch, cfg.batch_size)
     key = run_key(params, manifest["data_hash"])
-    checkpointer = Checkpointer(checkpoint_dir, key)
+    state = TrainState(
+        method, optimizer, cfg.epochs, batches.steps_per_epoch, cfg.batch_size, key
+    )
+    checkpointer = Checkpointer(checkpoint_dir)
     checkpointer.resume(state, device)
     monitor = KnnMonitor(
         cfg.knn_every, (train_x, train_y), val, mean, std, device, num_classes,
