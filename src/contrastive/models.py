@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from contrastive.config import ModelConfig
@@ -59,6 +58,8 @@ def _torchvision_resnet(name: str, cifar_stem: bool) -> nn.Module:
     ``cifar_stem`` swaps the 7x7/2 stem and max-pool for one 3x3/1 conv, as in SimCLR's CIFAR
     experiments, so 32x32 images are not shrunk to 8x8 before the first block.
     """
+    import torchvision  # slow import (seconds); only these encoders need it
+
     net = getattr(torchvision.models, name)(weights=None)
     if cifar_stem:
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
