@@ -69,11 +69,36 @@ def _torchvision_resnet(name: str, cifar_stem: bool) -> nn.Module:
     return net
 
 
+VIT_TINY: dict[str, int] = {"hidden_dim": 192, "num_layers": 12, "num_heads": 3, "mlp_dim": 768}
+"""ViT-Tiny as in DeiT (Touvron et al. 2021, "Training data-efficient image transformers")."""
+
+
+def vit_tiny(image_size: int, patch_size: int) -> nn.Module:
+    """torchvision's VisionTransformer with DeiT's ViT-Tiny sizes, untrained, no classifier.
+
+    The embedding is the class token's final (layer-normed) representation, 192 values; about
+    5.5M parameters. It accepts only ``image_size x image_size`` inputs (``prepare`` resizes every
+    image to ``data.image_size``), cut into ``(image_size / patch_size)^2`` patch tokens, e.g. 64
+    for 32x32 images and patch 4.
+    """
+    if image_size % patch_size:
+        raise ValueError(f"model.patch_size: {patch_size} does not divide the image size "
+                         f"{image_size}; use a divisor of {image_size}")
+    from torchvision.models import VisionTransformer  # slow import; only this encoder needs it
+
+    net = VisionTransformer(image_size=image_size, patch_size=patch_size, **VIT_TINY)
+    net.heads = nn.Identity()  # forward() ends with self.heads(class_token)
+    net.embedding_dim = VIT_TINY["hidden_dim"]
+    return net
+
+
 def build_encoder(cfg: ModelConfig, image_size: int = 32) -> nn.Module:
     """The encoder named by ``model.encoder`` for square images of ``image_size``; it has an
     ``embedding_dim`` attribute."""
     if cfg.encoder == "small_cnn":
         return SmallCNN(cfg.width)
+    if cfg.encoder == "vit_tiny":
+        return vit_tiny(image_size, cfg.patch_size)
     if cfg.encoder == "resnet18_cifar":
         return _torchvision_resnet("resnet18", cifar_stem=True)
     return _torchvision_resnet(cfg.encoder, cifar_stem=False)
