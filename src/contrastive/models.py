@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from contrastive.config import ModelConfig
@@ -59,6 +58,8 @@ def _torchvision_resnet(name: str, cifar_stem: bool) -> nn.Module:
     ``cifar_stem`` swaps the 7x7/2 stem and max-pool for one 3x3/1 conv, as in SimCLR's CIFAR
     experiments, so 32x32 images are not shrunk to 8x8 before the first block.
     """
+    import torchvision  # slow import (seconds); only these encoders need it
+
     net = getattr(torchvision.models, name)(weights=None)
     if cifar_stem:
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -68,11 +69,36 @@ def _torchvision_resnet(name: str, cifar_stem: bool) -> nn.Module:
     return net
 
 
+VIT_TINY: dict[str, int] = {"hidden_dim": 192, "num_layers": 12, "num_heads": 3, "mlp_dim": 768}
+"""ViT-Tiny as in DeiT (Touvron et al. 2021, "Training data-efficient image transformers")."""
+
+
+def vit_tiny(image_size: int, patch_size: int) -> nn.Module:
+    """torchvision's VisionTransformer with DeiT's ViT-Tiny sizes, untrained, no classifier.
+
+    The embedding is the class token's final (layer-normed) representation, 192 values; about
+    5.5M parameters. It accepts only ``image_size x image_size`` inputs (``prepare`` resizes every
+    image to ``data.image_size``), cut into ``(image_size / patch_size)^2`` patch tokens, e.g. 64
+    for 32x32 images and patch 4.
+    """
+    if image_size % patch_size:
+        raise ValueError(f"model.patch_size: {patch_size} does not divide the image size "
+                         f"{image_size}; use a divisor of {image_size}")
+    from torchvision.models import VisionTransformer  # slow import; only this encoder needs it
+
+    net = VisionTransformer(image_size=image_size, patch_size=patch_size, **VIT_TINY)
+    net.heads = nn.Identity()  # forward() ends with self.heads(class_token)
+    net.embedding_dim = VIT_TINY["hidden_dim"]
+    return net
+
+
 def build_encoder(cfg: ModelConfig, image_size: int = 32) -> nn.Module:
     """The encoder named by ``model.encoder`` for square images of ``image_size``; it has an
     ``embedding_dim`` attribute."""
     if cfg.encoder == "small_cnn":
         return SmallCNN(cfg.width)
+    if cfg.encoder == "vit_tiny":
+        return vit_tiny(image_size, cfg.patch_size)
     if cfg.encoder == "resnet18_cifar":
         return _torchvision_resnet("resnet18", cifar_stem=True)
     return _torchvision_resnet(cfg.encoder, cifar_stem=False)
