@@ -157,7 +157,7 @@ def test_register_stage_deps_cover_what_it_reads() -> None:
     for module in ("tracking", "registry", "inference"):
         assert f"src/contrastive/{module}.py" in deps
     assert stage["params"] == ["registry"]
-    assert stage["metrics"] == [{registry.REPORT: {"cache": False}}]
+    assert stage["metrics"] == [{registry.REPORT: {"cache": False, "persist": True}}]
 
 
 def test_store_lock_refuses_after_its_timeout(tmp_path: Path,
@@ -397,14 +397,14 @@ def test_lookup_errors_are_one_line_and_exit_2(
 def test_unreachable_store_fails_with_retry_hint_and_touches_nothing(
     project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    before = {p: p.read_bytes() for p in project.glob("[dmp]*/**/*") if p.is_file()}
+    before = {p: p.read_bytes() for p in project.glob("[dmpr]*/**/*") if p.is_file()}
+    assert project / registry.REPORT in before  # the earlier report stays as it was
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     assert main(["register"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "http://127.0.0.1:9" in err and "retry" in err and "intact" in err
-    assert not (project / registry.REPORT).exists()
     assert before == {p: p.read_bytes() for p in before}
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from contrastive.config import ConfigError, Params
-from contrastive.files import remove_outputs, write_json
+from contrastive.files import write_json
 from contrastive.tracking import (
     STATE_TAG,
     RunRecord,
@@ -319,11 +319,10 @@ def register_stage(params: Params, root: str | Path = ".") -> dict[str, Any]:
     """Log this pipeline state as one MLflow run, register it, run the gate, write the report.
 
     Raises :class:`ConfigError` when an upstream output is missing and
-    :class:`~contrastive.tracking.TrackingError` when the store fails; then no report is written,
-    nothing else is touched, and a rerun completes the registration without duplicates.
+    :class:`~contrastive.tracking.TrackingError` when the store fails; then the earlier report stays
+    as it was, nothing else is touched, and a rerun completes the registration without duplicates.
     """
     root = Path(root)
-    remove_outputs(root / REPORT)
     snapshot = read_snapshot(params, root)
     uri, name = tracking_uri(), params.registry.model_name
     client = connect(uri)
