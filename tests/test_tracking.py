@@ -29,7 +29,14 @@ from contrastive.cli import main
 from contrastive.config import ExportConfig, ModelConfig, load_params
 from contrastive.export import export_encoder, ort_session
 from contrastive.files import write_json
-from contrastive.models import EncoderInfo, LinearProbe, build_encoder, save_encoder, save_probe
+from contrastive.models import (
+    EncoderInfo,
+    LinearProbe,
+    build_encoder,
+    load_encoder,
+    save_encoder,
+    save_probe,
+)
 from contrastive.registry import Candidate, Champion, RescoreError, decide
 from tests.conftest import ROOT, write_params
 
@@ -322,6 +329,32 @@ def test_rerun_of_the_same_state_creates_nothing(project: Path) -> None:
     again = report(project)
     assert not again["new_run"] and not again["new_version"] and again["version"] == 1
     assert len(runs()) == 1 and list(versions()) == ["1"]
+
+
+def test_new_timings_are_no_new_state_but_new_weights_are(project: Path) -> None:
+    """Exporting or measuring again changes only timings: the same model, nothing registered."""
+    params = load_params("params.yaml")
+    key = tracking.read_snapshot(params).state_key
+    set_metric(project, "metrics/export.json", ("latency_ms", "ort_b1"), 99.0)
+    for metric in ("export_seconds", "speedup_b1", "speedup_b256"):
+        set_metric(project, "metrics/export.json", (metric,), 0.5)
+    set_metric(project, "metrics/pretrain.json", ("images_per_s",), 1.0)
+    history = project / "plots" / "pretrain.csv"
+    history.write_text(history.read_text().replace(",90\n", ",9\n"))
+    assert tracking.read_snapshot(params).state_key == key
+    assert main(["register"]) == 0
+    assert not report(project)["new_version"] and list(versions()) == ["1"]
+
+    weights = project / "models" / "encoder.pt"
+    saved = weights.read_bytes()
+    net, info = load_encoder(weights)
+    with torch.no_grad():
+        next(net.parameters()).add_(0.01)
+    save_encoder(weights, net, info)
+    try:
+        assert tracking.read_snapshot(params).state_key != key
+    finally:
+        weights.write_bytes(saved)
 
 
 def write_images(folder: Path, count: int) -> list[Path]:
