@@ -9,7 +9,10 @@ states: worse, better, parity failed, other evaluation data.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -524,6 +527,33 @@ def test_rescoring_is_refused_when_the_champion_cannot_take_the_data(project: Pa
     write_json(other / "manifest.json", {"image_size": 16, "num_classes": 3})
     with pytest.raises(RescoreError, match="takes 8x8 images, the data are 16x16"):
         registry.rescore_version(NAME, "1", load_params("params.yaml"), other)
+
+
+def _register_at_the_signal(root: str, uri: str, start: Any) -> None:
+    """A process: ready to register ``root`` into ``uri``, it waits for ``start`` (a barrier)."""
+    os.chdir(root)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    start.wait(timeout=120)
+    sys.exit(main(["register"]))
+
+
+def test_two_first_registrations_at_once_both_succeed(tmp_path: Path) -> None:
+    """Two processes register into a store that does not exist yet, at the same moment: one
+    creates the store's schema, the other waits, finds the version and registers no second one."""
+    make_project(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    spawn = multiprocessing.get_context("spawn")
+    start = spawn.Barrier(2)
+    workers = [spawn.Process(target=_register_at_the_signal, args=(str(tmp_path), uri, start))
+               for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=300)
+    assert [worker.exitcode for worker in workers] == [0, 0]
+    found = mlflow.MlflowClient(tracking_uri=uri).search_model_versions(f"name = '{NAME}'")
+    assert [str(v.version) for v in found] == ["1"]
 
 
 def test_read_commands_need_an_existing_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -16,13 +16,14 @@ missing is never promoted. The decision and its reason are tags on the version (
 into ``reports/registry.json``.
 
 Guarantees. A registration holds a lock on the store (:func:`~contrastive.tracking.store_lock`)
-from the moment it looks for its run until its aliases are set, so registrations and manual
-promotions on one machine, or on machines sharing the SQLite folder, happen one after another:
-each decision sees the champion the previous one left, and the champion only ever moves to a
-version that beat it (or that a person chose). Against a remote server used from several machines
-at once the lock does not reach: there the last writer of the alias wins. Aliases are written in
-an order that a retry can finish (``previous-champion``, then ``champion``, then ``challenger``),
-and ``gate.status`` says whether a version's decision was fully applied.
+from the moment it opens the store (which creates the schema of a new one) until its aliases are
+set, so registrations and manual promotions on one machine, or on machines sharing the SQLite
+folder, happen one after another: each decision sees the champion the previous one left, and the
+champion only ever moves to a version that beat it (or that a person chose). Against a remote
+server used from several machines at once the lock does not reach: there the last writer of the
+alias wins. Aliases are written in an order that a retry can finish (``previous-champion``, then
+``champion``, then ``challenger``), and ``gate.status`` says whether a version's decision was
+fully applied.
 """
 
 from __future__ import annotations
@@ -325,8 +326,8 @@ def register_stage(params: Params, root: str | Path = ".") -> dict[str, Any]:
     root = Path(root)
     snapshot = read_snapshot(params, root)
     uri, name = tracking_uri(), params.registry.model_name
-    client = connect(uri)
     with store_lock(uri), mlflow_errors("registering the model", uri):
+        client = connect(uri)  # under the lock: opening a new store creates its schema
         experiment_id = ensure_experiment(client, params.registry.experiment, uri)
         run = find_or_log_run(client, experiment_id, snapshot, root)
         version = find_version(client, name, snapshot.state_key)

@@ -94,7 +94,8 @@ def connect(uri: str | None = None, must_exist: bool = False) -> Any:
     """Point MLflow at ``uri`` (default :func:`tracking_uri`) and return an ``MlflowClient``.
 
     ``must_exist`` is for read-only commands: a missing SQLite file is a :class:`ConfigError`
-    instead of a new, empty store.
+    instead of a new, empty store. Opening a new store creates its schema, which two processes
+    must not do at once: whoever may open a new store holds :func:`store_lock` while connecting.
     """
     import mlflow
 
