@@ -8,6 +8,7 @@ states: worse, better, parity failed, other evaluation data.
 
 from __future__ import annotations
 
+import getpass
 import json
 import multiprocessing
 import os
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -573,3 +575,34 @@ def _raise(message: str) -> Any:
         raise MlflowException(message)
 
     return fail
+
+
+def test_every_manual_decision_stays_on_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """A promotion and two rollbacks: `registry show` lists all three, each with its reason, user,
+    time, and the versions the champion moved from and to."""
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    store = tracking.connect(uri)
+    store.create_registered_model(NAME)
+    for _ in range(2):
+        store.create_model_version(NAME, source=(tmp_path / "model").as_uri())
+    store.set_registered_model_alias(NAME, "champion", "1")
+
+    reasons = ["calibration is better", "users complained", "the complaint was about the UI"]
+    assert main(["registry", "promote", "2", "--reason", reasons[0]]) == 0
+    assert main(["registry", "rollback", "--reason", reasons[1]]) == 0
+    assert main(["registry", "rollback", "--reason", reasons[2]]) == 0
+    capsys.readouterr()
+    assert main(["registry", "show", "2"]) == 0
+    audit = json.loads(capsys.readouterr().out)["audit"]
+    assert [(e["action"], e["from_version"], e["to_version"], e["reason"]) for e in audit] == [
+        ("promoted", "1", "2", reasons[0]),
+        ("restored", "2", "1", reasons[1]),
+        ("restored", "1", "2", reasons[2]),
+    ]
+    for entry in audit:
+        assert entry["user"] == getpass.getuser()
+        assert datetime.fromisoformat(entry["time"]) <= datetime.now(UTC)
