@@ -432,6 +432,26 @@ def test_lookup_errors_are_one_line_and_exit_2(
     assert len(err) == 1 and fragment in err[0], err
 
 
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["embed", "images", "--out", "x.npy", "--batch-size", "0"],
+         "argument --batch-size: must be a whole number >= 1, got '0'"),
+        (["search", "--gallery", "images", "q.png", "-k", "-1"], "argument -k: must be a whole"),
+        (["search", "--gallery", "images", "q.png", "--batch-size", "ten"], "got 'ten'"),
+    ],
+)
+def test_counts_must_be_whole_numbers_of_at_least_one(
+    capsys: pytest.CaptureFixture, argv: list[str], fragment: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and fragment in errors[0] and "Traceback" not in err, err
+
+
 def test_unreachable_store_fails_with_retry_hint_and_touches_nothing(
     project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
