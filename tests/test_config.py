@@ -1,5 +1,6 @@
 """params.yaml validation: every bad value is one line naming the key and what is allowed."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,46 @@ def test_params_hash_tracks_values() -> None:
     b = parse_params({"train": {"lr": 0.5}})
     assert params_hash(a.train) == params_hash(Params().train)
     assert params_hash(a.train) != params_hash(b.train)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("", "params.yaml: empty; it must hold the pipeline's sections"),
+        ("# nothing but a comment\n", "params.yaml: empty"),
+        ("seed: 0\ntrain:\n  lr: [0.1\n", "not valid YAML at line 4: expected ',' or ']'"),
+        ("train:\n  lr: 0.1\n  epochs: 3\n  lr: 0.2\n",
+         "not valid YAML at line 4: key 'lr' appears twice (first at line 2)"),
+        ("seed: 0\ntrain: {}\nseed: 1\n", "line 3: key 'seed' appears twice (first at line 1)"),
+    ],
+)
+def test_empty_broken_or_ambiguous_files_name_the_line(tmp_path: Path, text: str,
+                                                      fragment: str) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        ({"train": {"epochs": True}}, "train.epochs: Input should be a valid integer (got True)"),
+        ({"seed": False}, "seed: Input should be a valid integer"),
+        ({"augment": {"crop_scale": [True, 1.0]}}, "augment.crop_scale.0"),
+        ({"train": {"compile": 1}}, "train.compile: Input should be a valid boolean"),
+        ({"data": {"download": "yes"}}, "data.download"),
+    ],
+)
+def test_booleans_are_no_numbers_and_numbers_no_booleans(raw: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        parse_params(raw)
+
+
+def test_whole_numbers_and_exponents_are_floats_but_booleans_are_not() -> None:
+    params = parse_params({"train": {"lr": 1, "weight_decay": "1e-4", "momentum": 0}})
+    assert (params.train.lr, params.train.weight_decay, params.train.momentum) == (1.0, 1e-4, 0.0)
+    assert isinstance(params.train.lr, float)
+    with pytest.raises(ConfigError, match="train.lr: Input should be a number, not true/false"):
+        parse_params({"train": {"lr": True}})

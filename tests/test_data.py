@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from contrastive.config import ConfigError, DataConfig
-from contrastive.data import SPLITS, load_manifest, load_split, prepare
+from contrastive.data import SPLITS, _read_image, load_manifest, load_split, prepare
 
 FILES = ("train.npz", "val.npz", "test.npz", "manifest.json")
 
@@ -241,6 +241,15 @@ def test_missing_or_unreadable_npz_names_the_file(tmp_path: Path) -> None:
         prepare(npz_cfg(good, test_path=str(missing)), seed=0, out_dir=tmp_path / "out")
 
 
+def test_npz_path_that_is_a_folder_says_a_file_is_expected(tmp_path: Path) -> None:
+    folder = tmp_path / "test_images"
+    folder.mkdir()
+    good = save_npz(tmp_path / "good.npz", random_images(9), np.arange(9) % 3)
+    expected = f"data.test_path: {folder} is a folder; an .npz file is expected"
+    with pytest.raises(ConfigError, match=expected):
+        prepare(npz_cfg(good, test_path=str(folder)), seed=0, out_dir=tmp_path / "out")
+
+
 def test_fewer_than_two_classes_fails(tmp_path: Path) -> None:
     path = save_npz(tmp_path / "one.npz", random_images(9), np.zeros(9, np.int64))
     with pytest.raises(ConfigError, match=r"found 1 class\(es\) \['0'\]; need at least two"):
@@ -356,6 +365,16 @@ def test_imagefolder_skips_broken_files_and_converts_the_rest(tmp_path: Path) ->
     assert sum(equal_channels) == 1  # only the grayscale one; random RGB never is
     resized = Image.fromarray(odd).resize((8, 8), Image.Resampling.BILINEAR)
     assert np.asarray(resized).tobytes() in image_rows(x)
+
+
+def test_16_bit_greyscale_png_keeps_its_shades(tmp_path: Path) -> None:
+    ramp = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1040  # 0 .. 65520 in 64 steps
+    save_png(tmp_path / "deep.png", Image.fromarray(ramp))
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    pixels = _read_image(tmp_path / "deep.png", 8)
+    expected = np.rint(ramp / 257).astype(np.uint8)  # 65535 -> 255
+    for channel in range(3):
+        np.testing.assert_array_equal(pixels[..., channel], expected)
 
 
 def test_imagefolder_train_test_layout_keeps_the_given_test(tmp_path: Path) -> None:

@@ -1,12 +1,14 @@
 """kNN, linear probe and accuracy helpers of the evaluation stage."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from contrastive.evaluate import fit_linear_probe, knn_scores, topk_accuracy
+from contrastive.config import ConfigError, load_params
+from contrastive.evaluate import fit_linear_probe, knn_scores, probe_stage, topk_accuracy
 
 
 def test_topk_accuracy() -> None:
@@ -51,3 +53,15 @@ def test_linear_probe_separates_separable_classes_and_regularises() -> None:
         assert topk_accuracy(loose(features), labels, 1) > 0.95
     assert tight.linear.weight.norm() < loose.linear.weight.norm()
     assert torch.allclose(loose.feature_mean, features.mean(0))
+
+
+def test_failed_probe_keeps_the_earlier_outputs(workspace: Path) -> None:
+    """A probe that stops (here: no prepared data) leaves the last good outputs untouched."""
+    outputs = ["models/probe.pt", "metrics/probe.json", "plots/confusion.csv",
+               "plots/embedding.png"]
+    for path in outputs:
+        Path(path).parent.mkdir(exist_ok=True)
+        Path(path).write_text(f"earlier {path}")
+    with pytest.raises(ConfigError, match="prepared manifest not found"):
+        probe_stage(load_params())
+    assert {p: Path(p).read_text() for p in outputs} == {p: f"earlier {p}" for p in outputs}

@@ -8,10 +8,15 @@ states: worse, better, parity failed, other evaluation data.
 
 from __future__ import annotations
 
+import getpass
 import json
+import multiprocessing
+import os
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +34,14 @@ from contrastive.cli import main
 from contrastive.config import ExportConfig, ModelConfig, load_params
 from contrastive.export import export_encoder, ort_session
 from contrastive.files import write_json
-from contrastive.models import EncoderInfo, LinearProbe, build_encoder, save_encoder, save_probe
+from contrastive.models import (
+    EncoderInfo,
+    LinearProbe,
+    build_encoder,
+    load_encoder,
+    save_encoder,
+    save_probe,
+)
 from contrastive.registry import Candidate, Champion, RescoreError, decide
 from tests.conftest import ROOT, write_params
 
@@ -157,7 +169,7 @@ def test_register_stage_deps_cover_what_it_reads() -> None:
     for module in ("tracking", "registry", "inference"):
         assert f"src/contrastive/{module}.py" in deps
     assert stage["params"] == ["registry"]
-    assert stage["metrics"] == [{registry.REPORT: {"cache": False}}]
+    assert stage["metrics"] == [{registry.REPORT: {"cache": False, "persist": True}}]
 
 
 def test_store_lock_refuses_after_its_timeout(tmp_path: Path,
@@ -324,6 +336,32 @@ def test_rerun_of_the_same_state_creates_nothing(project: Path) -> None:
     assert len(runs()) == 1 and list(versions()) == ["1"]
 
 
+def test_new_timings_are_no_new_state_but_new_weights_are(project: Path) -> None:
+    """Exporting or measuring again changes only timings: the same model, nothing registered."""
+    params = load_params("params.yaml")
+    key = tracking.read_snapshot(params).state_key
+    set_metric(project, "metrics/export.json", ("latency_ms", "ort_b1"), 99.0)
+    for metric in ("export_seconds", "speedup_b1", "speedup_b256"):
+        set_metric(project, "metrics/export.json", (metric,), 0.5)
+    set_metric(project, "metrics/pretrain.json", ("images_per_s",), 1.0)
+    history = project / "plots" / "pretrain.csv"
+    history.write_text(history.read_text().replace(",90\n", ",9\n"))
+    assert tracking.read_snapshot(params).state_key == key
+    assert main(["register"]) == 0
+    assert not report(project)["new_version"] and list(versions()) == ["1"]
+
+    weights = project / "models" / "encoder.pt"
+    saved = weights.read_bytes()
+    net, info = load_encoder(weights)
+    with torch.no_grad():
+        next(net.parameters()).add_(0.01)
+    save_encoder(weights, net, info)
+    try:
+        assert tracking.read_snapshot(params).state_key != key
+    finally:
+        weights.write_bytes(saved)
+
+
 def write_images(folder: Path, count: int) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1)
@@ -394,17 +432,37 @@ def test_lookup_errors_are_one_line_and_exit_2(
     assert len(err) == 1 and fragment in err[0], err
 
 
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["embed", "images", "--out", "x.npy", "--batch-size", "0"],
+         "argument --batch-size: must be a whole number >= 1, got '0'"),
+        (["search", "--gallery", "images", "q.png", "-k", "-1"], "argument -k: must be a whole"),
+        (["search", "--gallery", "images", "q.png", "--batch-size", "ten"], "got 'ten'"),
+    ],
+)
+def test_counts_must_be_whole_numbers_of_at_least_one(
+    capsys: pytest.CaptureFixture, argv: list[str], fragment: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and fragment in errors[0] and "Traceback" not in err, err
+
+
 def test_unreachable_store_fails_with_retry_hint_and_touches_nothing(
     project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    before = {p: p.read_bytes() for p in project.glob("[dmp]*/**/*") if p.is_file()}
+    before = {p: p.read_bytes() for p in project.glob("[dmpr]*/**/*") if p.is_file()}
+    assert project / registry.REPORT in before  # the earlier report stays as it was
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     assert main(["register"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "http://127.0.0.1:9" in err and "retry" in err and "intact" in err
-    assert not (project / registry.REPORT).exists()
     assert before == {p: p.read_bytes() for p in before}
 
 
@@ -493,6 +551,33 @@ def test_rescoring_is_refused_when_the_champion_cannot_take_the_data(project: Pa
         registry.rescore_version(NAME, "1", load_params("params.yaml"), other)
 
 
+def _register_at_the_signal(root: str, uri: str, start: Any) -> None:
+    """A process: ready to register ``root`` into ``uri``, it waits for ``start`` (a barrier)."""
+    os.chdir(root)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    start.wait(timeout=120)
+    sys.exit(main(["register"]))
+
+
+def test_two_first_registrations_at_once_both_succeed(tmp_path: Path) -> None:
+    """Two processes register into a store that does not exist yet, at the same moment: one
+    creates the store's schema, the other waits, finds the version and registers no second one."""
+    make_project(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    spawn = multiprocessing.get_context("spawn")
+    start = spawn.Barrier(2)
+    workers = [spawn.Process(target=_register_at_the_signal, args=(str(tmp_path), uri, start))
+               for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=300)
+    assert [worker.exitcode for worker in workers] == [0, 0]
+    found = mlflow.MlflowClient(tracking_uri=uri).search_model_versions(f"name = '{NAME}'")
+    assert [str(v.version) for v in found] == ["1"]
+
+
 def test_read_commands_need_an_existing_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture) -> None:
     monkeypatch.chdir(tmp_path)
@@ -510,3 +595,34 @@ def _raise(message: str) -> Any:
         raise MlflowException(message)
 
     return fail
+
+
+def test_every_manual_decision_stays_on_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """A promotion and two rollbacks: `registry show` lists all three, each with its reason, user,
+    time, and the versions the champion moved from and to."""
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    store = tracking.connect(uri)
+    store.create_registered_model(NAME)
+    for _ in range(2):
+        store.create_model_version(NAME, source=(tmp_path / "model").as_uri())
+    store.set_registered_model_alias(NAME, "champion", "1")
+
+    reasons = ["calibration is better", "users complained", "the complaint was about the UI"]
+    assert main(["registry", "promote", "2", "--reason", reasons[0]]) == 0
+    assert main(["registry", "rollback", "--reason", reasons[1]]) == 0
+    assert main(["registry", "rollback", "--reason", reasons[2]]) == 0
+    capsys.readouterr()
+    assert main(["registry", "show", "2"]) == 0
+    audit = json.loads(capsys.readouterr().out)["audit"]
+    assert [(e["action"], e["from_version"], e["to_version"], e["reason"]) for e in audit] == [
+        ("promoted", "1", "2", reasons[0]),
+        ("restored", "2", "1", reasons[1]),
+        ("restored", "1", "2", reasons[2]),
+    ]
+    for entry in audit:
+        assert entry["user"] == getpass.getuser()
+        assert datetime.fromisoformat(entry["time"]) <= datetime.now(UTC)

@@ -88,6 +88,14 @@ def _search(args: argparse.Namespace) -> str:
     return "\n".join(["rank  cosine  image", *lines])
 
 
+def _positive_int(text: str) -> int:
+    """argparse type for counts (batch size, k): a whole number >= 1, else argparse's one-line
+    error and exit status 2 (a batch size of 0 used to end in a traceback)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got '{text}'")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="contrastive", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--model", default=champion, help=f"{model_help} ({champion})")
     embed.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDER")
     embed.add_argument("--out", required=True, help=".npy (array) or .parquet (file, embedding)")
-    embed.add_argument("--batch-size", type=int, default=256)
+    embed.add_argument("--batch-size", type=_positive_int, default=256)
     embed.set_defaults(run=_embed)
 
     search = sub.add_parser("search", help="nearest gallery images to a query image",
@@ -131,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--model", default=champion, help=f"{model_help} ({champion})")
     search.add_argument("--gallery", required=True, metavar="FOLDER")
     search.add_argument("query", metavar="QUERY_IMAGE")
-    search.add_argument("-k", type=int, default=5, help="how many results (5)")
-    search.add_argument("--batch-size", type=int, default=256)
+    search.add_argument("-k", type=_positive_int, default=5, help="how many results (5)")
+    search.add_argument("--batch-size", type=_positive_int, default=256)
     search.set_defaults(run=_search)
     return parser
 

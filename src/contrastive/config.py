@@ -9,15 +9,39 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
-PositiveFloat = Annotated[float, Field(gt=0)]
-NonNegativeFloat = Annotated[float, Field(ge=0)]
-Probability = Annotated[float, Field(ge=0, le=1)]
+
+def _not_a_bool(value: Any) -> Any:
+    """YAML's ``true``/``false`` is no number (pydantic would read it as 1.0/0.0)."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("float_type", "Input should be a number, not true/false")
+    return value
+
+
+# Numbers are strict where YAML could slip in something else: an int takes no bool (``epochs:
+# true`` is not 1), no float and no string; a float takes ints (``lr: 1``) and strings such as
+# ``1e-4`` (which YAML 1.1 reads as a string), but no bool; a bool takes only true/false.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, BeforeValidator(_not_a_bool)]
+PositiveFloat = Annotated[Float, Field(gt=0)]
+NonNegativeFloat = Annotated[Float, Field(ge=0)]
+Probability = Annotated[Float, Field(ge=0, le=1)]
 
 ENCODERS = ("small_cnn", "resnet18_cifar", "resnet18", "resnet34", "resnet50", "vit_tiny")
 SOURCES = ("digits", "cifar10", "stl10", "npz", "imagefolder")
@@ -41,10 +65,10 @@ class DataConfig(_Section):
     source: Literal["digits", "cifar10", "stl10", "npz", "imagefolder"] = "digits"
     path: str | None = None
     test_path: str | None = None
-    download: bool = False
-    image_size: Annotated[int, Field(ge=8, le=512)] = 16
-    val_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.1
-    test_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.2
+    download: StrictBool = False
+    image_size: Annotated[Int, Field(ge=8, le=512)] = 16
+    val_fraction: Annotated[Float, Field(gt=0, lt=0.5)] = 0.1
+    test_fraction: Annotated[Float, Field(gt=0, lt=0.5)] = 0.2
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
@@ -61,12 +85,12 @@ class ModelConfig(_Section):
     encoder: Literal[
         "small_cnn", "resnet18_cifar", "resnet18", "resnet34", "resnet50", "vit_tiny"
     ] = "small_cnn"
-    width: Annotated[int, Field(ge=4, le=512)] = 32
+    width: Annotated[Int, Field(ge=4, le=512)] = 32
     """``small_cnn`` only: channels of the first stage."""
-    patch_size: Annotated[int, Field(ge=1)] = 4
+    patch_size: Annotated[Int, Field(ge=1)] = 4
     """``vit_tiny`` only: side of the square patches; must divide ``data.image_size``."""
-    projection_hidden_dim: Annotated[int, Field(ge=8)] = 256
-    projection_dim: Annotated[int, Field(ge=2)] = 64
+    projection_hidden_dim: Annotated[Int, Field(ge=8)] = 256
+    projection_dim: Annotated[Int, Field(ge=2)] = 64
 
 
 class AugmentConfig(_Section):
@@ -79,7 +103,7 @@ class AugmentConfig(_Section):
     brightness: NonNegativeFloat = 0.4
     contrast: NonNegativeFloat = 0.4
     saturation: NonNegativeFloat = 0.4
-    hue: Annotated[float, Field(ge=0, le=0.5)] = 0.1
+    hue: Annotated[Float, Field(ge=0, le=0.5)] = 0.1
     grayscale_prob: Probability = 0.2
     blur_prob: Probability = 0.0
     blur_sigma: tuple[PositiveFloat, PositiveFloat] = (0.1, 2.0)
@@ -98,13 +122,13 @@ class AugmentConfig(_Section):
 class MoCoConfig(_Section):
     """MoCo v2 (He et al. 2020; Chen et al. 2020): a momentum key encoder and a queue of keys."""
 
-    queue_size: Annotated[int, Field(gt=0)] = 4096
+    queue_size: Annotated[Int, Field(gt=0)] = 4096
     """Negative keys kept in the FIFO queue; at least ``train.batch_size``."""
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.99
+    momentum: Annotated[Float, Field(ge=0, lt=1)] = 0.99
     """EMA factor of the key encoder: ``key = m * key + (1 - m) * query``."""
     momentum_schedule: Literal["constant", "cosine"] = "constant"
     """``cosine`` raises the momentum from ``momentum`` to 1 over training (BYOL's schedule)."""
-    symmetric: bool = False
+    symmetric: StrictBool = False
     """Also use the second view as the query and the first as the key, and average both losses."""
 
 
@@ -113,7 +137,7 @@ class TripletConfig(_Section):
 
     margin: PositiveFloat = 0.2
     mining: Literal["batch_hard", "semi_hard", "all"] = "batch_hard"
-    supervised: bool = False
+    supervised: StrictBool = False
     """``true``: positives are images of the same class; ``false``: two views of one image."""
 
 
@@ -124,8 +148,8 @@ class MarginPairConfig(_Section):
     margin: PositiveFloat = 0.5
     alpha: PositiveFloat = 1.0
     """Weight of the negative pairs against the positive pairs."""
-    negatives_per_positive: Annotated[int, Field(ge=1)] = 1
-    supervised: bool = False
+    negatives_per_positive: Annotated[Int, Field(ge=1)] = 1
+    supervised: StrictBool = False
     """``true``: positives are images of the same class; ``false``: two views of one image."""
 
 
@@ -142,24 +166,24 @@ class TrainConfig(_Section):
     """
 
     method: Literal["simclr", "moco", "triplet", "margin_pair", "supcon"] = "simclr"
-    epochs: Annotated[int, Field(ge=1, le=10_000)] = 60
-    batch_size: Annotated[int, Field(ge=2)] = 256
+    epochs: Annotated[Int, Field(ge=1, le=10_000)] = 60
+    batch_size: Annotated[Int, Field(ge=2)] = 256
     optimizer: Literal["sgd", "adamw", "lars"] = "sgd"
     lr: PositiveFloat = 0.3
     """Learning rate for a batch of 256; the used rate is ``lr * batch_size / 256``."""
     weight_decay: NonNegativeFloat = 1e-4
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
-    warmup_epochs: Annotated[int, Field(ge=0)] = 5
+    momentum: Annotated[Float, Field(ge=0, lt=1)] = 0.9
+    warmup_epochs: Annotated[Int, Field(ge=0)] = 5
     temperature: PositiveFloat = 0.2
     """InfoNCE methods (simclr, moco, supcon): the softmax temperature, or its start value."""
-    learn_temperature: bool = False
+    learn_temperature: StrictBool = False
     """Learn the temperature as a parameter in log space, clamped to [0.01, 1] as CLIP does."""
     class_balance: Literal["none", "sampler", "weights"] = "none"
     """Methods that use labels: a class-balanced batch order, or inverse-frequency loss weights."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
-    compile: bool = False
-    knn_every: Annotated[int, Field(ge=0)] = 5
+    compile: StrictBool = False
+    knn_every: Annotated[Int, Field(ge=0)] = 5
     """Run the kNN monitor on the validation split every N epochs (0: never)."""
     moco: MoCoConfig = MoCoConfig()
     triplet: TripletConfig = TripletConfig()
@@ -205,18 +229,18 @@ class ProbeConfig(_Section):
     weight_decays: list[NonNegativeFloat] = Field(
         default_factory=lambda: [0.0, 1e-5, 1e-4, 1e-3, 1e-2], min_length=1
     )
-    max_iter: Annotated[int, Field(ge=1)] = 200
-    knn_k: Annotated[int, Field(ge=1)] = 200
+    max_iter: Annotated[Int, Field(ge=1)] = 200
+    knn_k: Annotated[Int, Field(ge=1)] = 200
     knn_temperature: PositiveFloat = 0.1
-    batch_size: Annotated[int, Field(ge=1)] = 512
+    batch_size: Annotated[Int, Field(ge=1)] = 512
 
 
 class ExportConfig(_Section):
     """ONNX export and its checks against torch (stage ``export``)."""
 
-    opset: Annotated[int, Field(ge=18, le=23)] = 20
+    opset: Annotated[Int, Field(ge=18, le=23)] = 20
     atol: PositiveFloat = 1e-4
-    latency_repeats: Annotated[int, Field(ge=1)] = 20
+    latency_repeats: Annotated[Int, Field(ge=1)] = 20
 
 
 class RegistryConfig(_Section):
@@ -228,7 +252,7 @@ class RegistryConfig(_Section):
 
     experiment: Annotated[str, Field(min_length=1)] = "contrastive"
     model_name: Annotated[str, Field(min_length=1, pattern=r"^[\w.-]+$")] = "contrastive-encoder"
-    min_improvement: Annotated[float, Field(ge=0, le=1)] = 0.005
+    min_improvement: Annotated[Float, Field(ge=0, le=1)] = 0.005
     """How much the linear-probe top-1 must beat the champion's to replace it (0.005 = 0.5 pt)."""
 
 
@@ -252,7 +276,7 @@ class ScheduleConfig(_Section):
 class Params(_Section):
     """The whole of ``params.yaml``."""
 
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: Annotated[Int, Field(ge=0)] = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -300,16 +324,48 @@ def parse_params(raw: dict[str, Any] | None, where: str = "params.yaml") -> Para
         raise ConfigError(_describe(exc.errors()[0], where)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (it would keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # the safe loader itself refuses such a key
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice (first at line {first_line[key]})",
+                    key_node.start_mark,
+                )
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    """``line N: what is wrong``: the first line of a YAML error, with where it is."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"line {mark.line + 1}: {problem}" if mark is not None else problem
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate ``params.yaml``."""
+    """Read and validate ``params.yaml``.
+
+    An empty file is an error, not "all defaults": the code's defaults differ from the shipped
+    file, so a file emptied by accident would silently run another pipeline.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: not valid YAML at {_yaml_error(exc)}") from None
+    if not raw:
+        raise ConfigError(f"{path}: empty; it must hold the pipeline's sections (seed, data, "
+                          "model, ...) as in the project's params.yaml")
+    if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must be a mapping of sections, got {type(raw).__name__}")
     return parse_params(raw, str(path))
 

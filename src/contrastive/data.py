@@ -195,6 +195,8 @@ def _load_npz(cfg: DataConfig, raw_dir: Path) -> _Loaded:
 def _read_npz(key: str, path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     """Read and validate one .npz file; errors name the params key, the file and the array."""
     where = f"{key}: {path}"
+    if path.is_dir():
+        raise ConfigError(f"{where} is a folder; an .npz file is expected: {_NPZ_HELP}")
     if not path.is_file():
         raise ConfigError(f"{where} does not exist; {_NPZ_HELP}")
     try:
@@ -309,9 +311,18 @@ def _read_class_folders(
 
 
 def _read_image(path: Path, size: int) -> np.ndarray:
-    """Decode a whole image file (truncated files raise), upright, RGB, resized: uint8 (S, S, 3)."""
+    """Decode a whole image file (truncated files raise), upright, RGB, resized: uint8 (S, S, 3).
+
+    16-bit greyscale (PIL modes ``I;16*``, and ``I`` as older Pillow opens such PNGs) is scaled to
+    8 bits (65535 -> 255): PIL's own conversion clips every value above 255, leaving a nearly
+    black-and-white image.
+    """
     with Image.open(path) as image:
-        rgb = ImageOps.exif_transpose(image).convert("RGB")
+        upright = ImageOps.exif_transpose(image)
+        if upright.mode == "I" or upright.mode.startswith("I;16"):
+            wide = np.clip(np.asarray(upright).astype(np.float64), 0, 65535)
+            upright = Image.fromarray(np.rint(wide / 257).astype(np.uint8))
+        rgb = upright.convert("RGB")
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(rgb)

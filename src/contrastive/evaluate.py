@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from contrastive.config import ModelConfig, Params
 from contrastive.data import load_manifest, load_split
-from contrastive.files import atomic_path, remove_outputs, write_json
+from contrastive.files import atomic_path, write_json
 from contrastive.models import LinearProbe, Preprocess, build_encoder, load_encoder, save_probe
 from contrastive.runtime import resolve_device
 
@@ -192,8 +192,10 @@ def probe_stage(
     confusion_path: str | Path = "plots/confusion.csv",
     embedding_plot: str | Path = "plots/embedding.png",
 ) -> dict:
-    """Evaluate the pretrained encoder against a random-init encoder and raw pixels."""
-    remove_outputs(probe_path, metrics_path, confusion_path, embedding_plot)
+    """Evaluate the pretrained encoder against a random-init encoder and raw pixels.
+
+    Each output is written atomically at the end; a failure leaves the earlier outputs as they were.
+    """
     device = resolve_device(params.device)
     manifest = load_manifest(prepared_dir)
     classes, num_classes = manifest["classes"], manifest["num_classes"]

@@ -16,18 +16,20 @@ missing is never promoted. The decision and its reason are tags on the version (
 into ``reports/registry.json``.
 
 Guarantees. A registration holds a lock on the store (:func:`~contrastive.tracking.store_lock`)
-from the moment it looks for its run until its aliases are set, so registrations and manual
-promotions on one machine, or on machines sharing the SQLite folder, happen one after another:
-each decision sees the champion the previous one left, and the champion only ever moves to a
-version that beat it (or that a person chose). Against a remote server used from several machines
-at once the lock does not reach: there the last writer of the alias wins. Aliases are written in
-an order that a retry can finish (``previous-champion``, then ``champion``, then ``challenger``),
-and ``gate.status`` says whether a version's decision was fully applied.
+from the moment it opens the store (which creates the schema of a new one) until its aliases are
+set, so registrations and manual promotions on one machine, or on machines sharing the SQLite
+folder, happen one after another: each decision sees the champion the previous one left, and the
+champion only ever moves to a version that beat it (or that a person chose). Against a remote
+server used from several machines at once the lock does not reach: there the last writer of the
+alias wins. Aliases are written in an order that a retry can finish (``previous-champion``, then
+``champion``, then ``challenger``), and ``gate.status`` says whether a version's decision was
+fully applied.
 """
 
 from __future__ import annotations
 
 import getpass
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from contrastive.config import ConfigError, Params
-from contrastive.files import remove_outputs, write_json
+from contrastive.files import write_json
 from contrastive.tracking import (
     STATE_TAG,
     RunRecord,
@@ -54,6 +56,7 @@ from contrastive.tracking import (
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 REPORT = "reports/registry.json"
+AUDIT = "audit."  # registered-model tags audit.000001, audit.000002, ...: the manual decisions
 PREPARED = "data/prepared"
 TOLERANCE = 1e-9  # a gain equal to min_improvement passes despite float rounding
 
@@ -319,15 +322,14 @@ def register_stage(params: Params, root: str | Path = ".") -> dict[str, Any]:
     """Log this pipeline state as one MLflow run, register it, run the gate, write the report.
 
     Raises :class:`ConfigError` when an upstream output is missing and
-    :class:`~contrastive.tracking.TrackingError` when the store fails; then no report is written,
-    nothing else is touched, and a rerun completes the registration without duplicates.
+    :class:`~contrastive.tracking.TrackingError` when the store fails; then the earlier report stays
+    as it was, nothing else is touched, and a rerun completes the registration without duplicates.
     """
     root = Path(root)
-    remove_outputs(root / REPORT)
     snapshot = read_snapshot(params, root)
     uri, name = tracking_uri(), params.registry.model_name
-    client = connect(uri)
     with store_lock(uri), mlflow_errors("registering the model", uri):
+        client = connect(uri)  # under the lock: opening a new store creates its schema
         experiment_id = ensure_experiment(client, params.registry.experiment, uri)
         run = find_or_log_run(client, experiment_id, snapshot, root)
         version = find_version(client, name, snapshot.state_key)
@@ -432,6 +434,8 @@ def show(params: Params, ref: str) -> dict[str, Any]:
         "description": version.description,
         "tags": dict(sorted(version.tags.items())),
         "metrics": {k: v for k, v in sorted(metrics.items()) if not k.startswith("train/")},
+        "audit": [entry for entry in audit_trail(client, name)
+                  if str(version.version) in (entry["from_version"], entry["to_version"])],
     }
 
 
@@ -475,15 +479,19 @@ def _manual_change(client: Any, name: str, number: str, action: str,
     current = alias_version(client, name, CHAMPION)
     before = str(current.version) if current is not None else None
     if before != number:
+        user, now = getpass.getuser(), datetime.now(UTC).isoformat(timespec="seconds")
         record = {
             "manual.action": action,
             "manual.reason": reason,
-            "manual.user": getpass.getuser(),
-            "manual.time": datetime.now(UTC).isoformat(timespec="seconds"),
+            "manual.user": user,
+            "manual.time": now,
             "manual.replaced": before or "",
         }
-        for key, value in record.items():
+        for key, value in record.items():  # the latest decision, shown by `registry list`
             client.set_model_version_tag(name, number, key, value)
+        _append_audit(client, name, {"action": action, "from_version": before,
+                                     "to_version": number, "reason": reason, "user": user,
+                                     "time": now})
         replace_champion(client, name, number, current)
     return {
         "model": name,
@@ -492,3 +500,21 @@ def _manual_change(client: Any, name: str, number: str, action: str,
         "changed": before != number,
         "reason": reason,
     }
+
+
+def _append_audit(client: Any, name: str, entry: dict[str, Any]) -> None:
+    """Add one manual decision to the registered model's audit trail, as tag ``audit.<n>`` (JSON).
+
+    Entries are numbered and never overwritten, so every decision stays on record (the version's
+    ``manual.*`` tags keep only the latest). Callers hold the store lock, so ``n`` is unique.
+    """
+    tags = client.get_registered_model(name).tags
+    n = 1 + sum(key.startswith(AUDIT) for key in tags)
+    client.set_registered_model_tag(name, f"{AUDIT}{n:06d}", json.dumps(entry, sort_keys=True))
+
+
+def audit_trail(client: Any, name: str) -> list[dict[str, Any]]:
+    """Every manual decision on ``name``, oldest first: action, from_version, to_version, reason,
+    user, time."""
+    tags = client.get_registered_model(name).tags
+    return [json.loads(tags[key]) for key in sorted(tags) if key.startswith(AUDIT)]

@@ -4,8 +4,9 @@ The store is ``MLFLOW_TRACKING_URI`` when set, else the embedded ``sqlite:///mlf
 project with artifacts in ``mlartifacts/`` beside it. :func:`log_pipeline_run` turns the outputs of
 the four upstream stages into one run (params, per-epoch history, final metrics, artifacts, model
 card, tags that trace it back to git, ``dvc.lock`` and the data) holding an ONNX and a PyTorch
-model. The run is tagged with a *pipeline-state key*, a hash of everything the run is made from, so
-a retry finds a finished run instead of logging a second one.
+model. The run is tagged with a *pipeline-state key*, a hash of what defines the model (weights,
+ONNX file, probe results, params, data), so a retry finds a finished run instead of logging a
+second one, and measuring again (timings) registers nothing new.
 
 Every MLflow call that can fail because of the store (server unreachable, SQLite locked, registry
 error) runs inside :func:`mlflow_errors`, which turns the failure into one :class:`TrackingError`
@@ -93,7 +94,8 @@ def connect(uri: str | None = None, must_exist: bool = False) -> Any:
     """Point MLflow at ``uri`` (default :func:`tracking_uri`) and return an ``MlflowClient``.
 
     ``must_exist`` is for read-only commands: a missing SQLite file is a :class:`ConfigError`
-    instead of a new, empty store.
+    instead of a new, empty store. Opening a new store creates its schema, which two processes
+    must not do at once: whoever may open a new store holds :func:`store_lock` while connecting.
     """
     import mlflow
 
@@ -206,11 +208,7 @@ class Snapshot:
     @property
     def parity_ok(self) -> bool:
         """Whether onnxruntime matched torch within ``export.atol`` and the probe agreed fully."""
-        export = self.metrics["export"]
-        diff, agreement = export.get("max_abs_diff"), export.get("prediction_agreement")
-        if not isinstance(diff, int | float) or not isinstance(agreement, int | float):
-            return False
-        return diff <= self.params.export.atol and agreement == 1.0
+        return parity_ok(self.metrics["export"], self.params.export.atol)
 
     @property
     def eval_key(self) -> str:
@@ -230,15 +228,11 @@ def read_snapshot(params: Params, root: str | Path = ".") -> Snapshot:
         for stage in ("pretrain", "probe", "export")
     }
     history = _read_history(root / INPUTS["history"], root / INPUTS["knn"])
-    # The files the run is made from: a params change that alters no output is no new state.
-    digest = hashlib.sha256()
-    for path in INPUTS.values():
-        digest.update(hashlib.sha256((root / path).read_bytes()).digest())
-    state_key = digest.hexdigest()[:24]
+    key = state_key(params, manifest, metrics, root)
 
     device = metrics["pretrain"].get("device", "unknown")
     tags = {
-        STATE_TAG: state_key,
+        STATE_TAG: key,
         "params_hash": params_hash(params),
         "data_hash": str(manifest.get("data_hash", "unknown")),
         "data_source": str(manifest.get("source", "unknown")),
@@ -246,7 +240,38 @@ def read_snapshot(params: Params, root: str | Path = ".") -> Snapshot:
         **git_state(root),
         **dvc_lock_hashes(root / "dvc.lock"),
     }
-    return Snapshot(params, manifest, metrics, history, state_key, tags)
+    return Snapshot(params, manifest, metrics, history, key, tags)
+
+
+def state_key(params: Params, manifest: dict[str, Any], metrics: dict[str, dict[str, Any]],
+              root: Path) -> str:
+    """The pipeline-state key: a hash of what defines the model, and of nothing else.
+
+    In: the encoder weights and the ONNX file (their bytes), the probe results, whether the ONNX
+    parity check passed, the params that make the model (every section but ``registry`` and
+    ``schedule``, which decide where and when it is registered), and the data hash. Out: timings
+    (export latencies, images/s in metrics/pretrain.json and plots/pretrain.csv), which differ
+    on every run, so that exporting or measuring again registers no second, identical version.
+    """
+    identity = {
+        "encoder": hashlib.sha256((root / INPUTS["encoder"]).read_bytes()).hexdigest(),
+        "onnx": hashlib.sha256((root / INPUTS["onnx"]).read_bytes()).hexdigest(),
+        "probe": metrics["probe"],
+        "parity_ok": parity_ok(metrics["export"], params.export.atol),
+        "params": {key: value for key, value in flatten(params).items()
+                   if key.split(".")[0] not in ("registry", "schedule")},
+        "data_hash": manifest.get("data_hash"),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def parity_ok(export: dict[str, Any], atol: float) -> bool:
+    """Whether metrics/export.json says onnxruntime matched torch within ``atol`` and the probe
+    agreed on every image."""
+    diff, agreement = export.get("max_abs_diff"), export.get("prediction_agreement")
+    if not isinstance(diff, int | float) or not isinstance(agreement, int | float):
+        return False
+    return diff <= atol and agreement == 1.0
 
 
 def _read_history(history_csv: Path, knn_csv: Path) -> list[dict[str, float]]:
