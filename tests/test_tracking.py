@@ -97,6 +97,14 @@ def test_failed_parity_is_never_promoted(champion: Champion | None) -> None:
     assert "parity" in decision.reason
 
 
+@pytest.mark.parametrize("champion", [None, CHAMP])
+def test_a_collapsed_representation_is_never_promoted(champion: Champion | None) -> None:
+    flagged = Candidate(0.99, SAME, True, collapse="embedding spread 0.001 < 0.1")
+    decision = decide(flagged, champion, 0.0, never)
+    assert decision.outcome == "rejected" and not decision.eligible
+    assert "collapsed" in decision.reason and "spread 0.001" in decision.reason
+
+
 @pytest.mark.parametrize("top1", [None, float("nan")])
 def test_missing_metric_is_never_promoted(top1: float | None) -> None:
     decision = decide(candidate(top1), None, 0.0, never)

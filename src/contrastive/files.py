@@ -77,9 +77,3 @@ def write_json(path: str | Path, payload: Any) -> None:
     """Write ``payload`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-
-
-def remove_outputs(*paths: str | Path) -> None:
-    """Delete stale outputs of a stage before it starts, so a failure leaves none behind."""
-    for path in paths:
-        _remove(Path(path))

@@ -75,6 +75,8 @@ class Candidate:
     linear_top1: float | None
     eval_key: str
     parity_ok: bool
+    collapse: str | None = None
+    """Why pretraining judged the representation collapsed (metrics/pretrain.json), or None."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,9 @@ def decide(candidate: Candidate, champion: Champion | None, min_improvement: flo
     """The promotion decision. ``rescore()`` scores the champion on the candidate's evaluation
     data; it is only called when no score on that evaluation is known, and may raise
     :class:`RescoreError`."""
+    if candidate.collapse:
+        return Decision("rejected", f"the representation collapsed in pretraining "
+                        f"({candidate.collapse}); such a version is never promoted")
     if not candidate.parity_ok:
         return Decision("rejected", "the ONNX export failed its parity check against torch "
                         "(metrics/export.json); such a version is never promoted")
@@ -336,7 +341,8 @@ def register_stage(params: Params, root: str | Path = ".") -> dict[str, Any]:
         new_version = version is None
         if version is None:
             version = create_version(client, name, run, snapshot)
-        candidate = Candidate(snapshot.linear_top1, snapshot.eval_key, snapshot.parity_ok)
+        candidate = Candidate(snapshot.linear_top1, snapshot.eval_key, snapshot.parity_ok,
+                              snapshot.collapse)
         decision = apply_gate(client, name, version, candidate, params, root / PREPARED)
         number = str(version.version)
         aliases = sorted(client.get_model_version(name, number).aliases)

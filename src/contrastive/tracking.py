@@ -206,6 +206,14 @@ class Snapshot:
         return float(value) if isinstance(value, int | float) else None
 
     @property
+    def collapse(self) -> str | None:
+        """Why pretraining flagged the representation as collapsed, or None."""
+        pretrain = self.metrics["pretrain"]
+        if not pretrain.get("collapsed"):
+            return None
+        return str(pretrain.get("collapse_reason") or "flagged in metrics/pretrain.json")
+
+    @property
     def parity_ok(self) -> bool:
         """Whether onnxruntime matched torch within ``export.atol`` and the probe agreed fully."""
         return parity_ok(self.metrics["export"], self.params.export.atol)
