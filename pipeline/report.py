@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from contrastive import paths
 from pipeline.stages import StageStatus
 
 REGISTER_STAGE = "register"
-REGISTRY_REPORT = "reports/registry.json"
+REGISTRY_REPORT = paths.REGISTRY_REPORT
 LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"
 """Where ``make ui`` (``mlflow ui``) serves the project's local SQLite store."""
 

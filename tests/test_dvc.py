@@ -17,7 +17,7 @@ import mlflow
 import pytest
 import yaml
 
-from contrastive.tracking import _dvc_outputs
+from contrastive.provenance import _dvc_outputs
 from tests.conftest import make_dvc_project
 
 

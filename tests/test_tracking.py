@@ -29,9 +29,9 @@ import yaml
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from contrastive import registry, tracking
+from contrastive import provenance, registry, store, tracking
 from contrastive.cli import main
-from contrastive.config import ExportConfig, ModelConfig, load_params
+from contrastive.config import ExportConfig, ModelConfig, flatten, load_params
 from contrastive.export import export_encoder, ort_session
 from contrastive.files import write_json
 from contrastive.models import (
@@ -149,10 +149,10 @@ def test_champion_scores_come_from_version_tags() -> None:
 def test_dvc_lock_hashes_and_git_state(tmp_path: Path) -> None:
     lock = {"schema": "2.0", "stages": {"prepare": {"cmd": "contrastive prepare"}}}
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
-    tags = tracking.dvc_lock_hashes(tmp_path / "dvc.lock")
+    tags = provenance.dvc_lock_hashes(tmp_path / "dvc.lock")
     assert len(tags["dvc.lock.prepare"]) == 16 and tags["dvc.lock.export"] == "unknown"
 
-    assert tracking.git_state(tmp_path) == {"git.commit": "unknown", "git.dirty": "unknown"}
+    assert provenance.git_state(tmp_path) == {"git.commit": "unknown", "git.dirty": "unknown"}
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
     (tmp_path / "metrics").mkdir()
@@ -162,10 +162,10 @@ def test_dvc_lock_hashes_and_git_state(tmp_path: Path) -> None:
         subprocess.run([*git, *args], cwd=tmp_path, check=True)
     (tmp_path / "metrics" / "probe.json").write_text('{"a": 1}')  # a stage output: not dirty
     (tmp_path / "dvc.lock").write_text("changed")
-    clean = tracking.git_state(tmp_path)
+    clean = provenance.git_state(tmp_path)
     assert len(clean["git.commit"]) == 40 and clean["git.dirty"] == "false"
     (tmp_path / "code.py").write_text("x = 2\n")
-    dirty = tracking.git_state(tmp_path)
+    dirty = provenance.git_state(tmp_path)
     assert dirty["git.dirty"] == "true" and dirty["git.changed"] == "code.py"
 
 
@@ -183,23 +183,23 @@ def test_register_stage_deps_cover_what_it_reads() -> None:
 def test_store_lock_refuses_after_its_timeout(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setattr(tracking, "LOCK_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(store, "LOCK_TIMEOUT_S", 0.2)
     held, release = threading.Event(), threading.Event()
 
     def holder() -> None:
-        with tracking.store_lock(uri):
+        with store.store_lock(uri):
             held.set()
             release.wait(10)
 
     thread = threading.Thread(target=holder)
     thread.start()
     held.wait(10)
-    with (pytest.raises(tracking.TrackingError, match="another registration held"),
-          tracking.store_lock(uri)):
+    with (pytest.raises(store.TrackingError, match="another registration held"),
+          store.store_lock(uri)):
         pass
     release.set()
     thread.join()
-    with tracking.store_lock(uri):  # free again
+    with store.store_lock(uri):  # free again
         pass
 
 
@@ -275,7 +275,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def client() -> mlflow.MlflowClient:
-    return tracking.connect()
+    return store.connect()
 
 
 def versions() -> dict[str, Any]:
@@ -305,7 +305,7 @@ def test_first_registration_is_champion_and_fully_traced(project: Path) -> None:
     (run,) = runs()
     data = run.data
     assert data.params["train.epochs"] == "3" and data.params["registry.model_name"] == NAME
-    assert len(data.params) == len(tracking.flatten(load_params("params.yaml")))
+    assert len(data.params) == len(flatten(load_params("params.yaml")))
     history = client().get_metric_history(run.info.run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(1, 5.0), (2, 4.5), (3, 4.2)]
     assert [m.step for m in client().get_metric_history(run.info.run_id, "train/knn_top1")] == [
@@ -613,11 +613,11 @@ def test_every_manual_decision_stays_on_record(tmp_path: Path, monkeypatch: pyte
     write_params(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    store = tracking.connect(uri)
-    store.create_registered_model(NAME)
+    client = store.connect(uri)
+    client.create_registered_model(NAME)
     for _ in range(2):
-        store.create_model_version(NAME, source=(tmp_path / "model").as_uri())
-    store.set_registered_model_alias(NAME, "champion", "1")
+        client.create_model_version(NAME, source=(tmp_path / "model").as_uri())
+    client.set_registered_model_alias(NAME, "champion", "1")
 
     reasons = ["calibration is better", "users complained", "the complaint was about the UI"]
     assert main(["registry", "promote", "2", "--reason", reasons[0]]) == 0

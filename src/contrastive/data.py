@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from contrastive import paths
 from contrastive.config import ConfigError, DataConfig
 from contrastive.files import atomic_path, write_json
 
@@ -57,7 +58,7 @@ class _Loaded:
 def prepare(
     cfg: DataConfig,
     seed: int,
-    out_dir: str | Path = "data/prepared",
+    out_dir: str | Path = paths.PREPARED,
     raw_dir: str | Path = "data/raw",
 ) -> dict[str, Any]:
     """Load ``cfg.source``, clean and split it, write ``out_dir``; return the manifest.

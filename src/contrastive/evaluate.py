@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from contrastive import paths
 from contrastive.config import ModelConfig, Params
 from contrastive.data import load_manifest, load_split
 from contrastive.files import atomic_path, write_json
@@ -185,12 +186,12 @@ def _pixel_features(
 
 def probe_stage(
     params: Params,
-    prepared_dir: str | Path = "data/prepared",
-    encoder_path: str | Path = "models/encoder.pt",
-    probe_path: str | Path = "models/probe.pt",
-    metrics_path: str | Path = "metrics/probe.json",
-    confusion_path: str | Path = "plots/confusion.csv",
-    embedding_plot: str | Path = "plots/embedding.png",
+    prepared_dir: str | Path = paths.PREPARED,
+    encoder_path: str | Path = paths.ENCODER,
+    probe_path: str | Path = paths.PROBE,
+    metrics_path: str | Path = paths.PROBE_METRICS,
+    confusion_path: str | Path = paths.CONFUSION,
+    embedding_plot: str | Path = paths.EMBEDDING_PLOT,
 ) -> dict:
     """Evaluate the pretrained encoder against a random-init encoder and raw pixels.
 

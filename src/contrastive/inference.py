@@ -23,7 +23,7 @@ from contrastive.config import ConfigError
 from contrastive.data import _read_image as read_image  # the prepare stage's image decoding
 from contrastive.export import INPUT_NAME, OUTPUT_NAME, onnx_metadata, ort_session
 from contrastive.files import atomic_path
-from contrastive.tracking import connect, first_line, mlflow_errors
+from contrastive.store import connect, first_line, mlflow_errors
 
 OUTPUT_FORMATS = (".npy", ".parquet")
 
@@ -48,7 +48,7 @@ def load_model(model: str) -> Encoder:
     """Open ``model``: a local ``.onnx`` file or MLflow model folder, or an MLflow model URI.
 
     A missing file, alias, version or model name is a :class:`ConfigError` (one line); a store
-    that cannot be reached is a :class:`~contrastive.tracking.TrackingError`.
+    that cannot be reached is a :class:`~contrastive.store.TrackingError`.
     """
     local = Path(model)
     if local.exists():

@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from contrastive import paths
 from contrastive.callbacks import Callback, TrainState
-from contrastive.config import Params, flatten
+from contrastive.config import Params
 from contrastive.data import load_manifest
 
 ENV = "CONTRASTIVE_LIVE_TRACKING"
-RUN_KEY_TAG = "pretrain.run_key"
+RUN_KEY_TAG = "pretrain.run_key"  # what tracking.find_or_log_run looks for (tracking.LIVE_TAG)
 
 
 def enabled() -> bool:
@@ -49,7 +50,7 @@ class LiveRun(Callback):
         try:
             fn()
         except Exception as exc:  # tracking is a convenience: it must never stop training
-            from contrastive.tracking import first_line
+            from contrastive.store import first_line
 
             if self.active or action == "opening the run":
                 print(f"contrastive pretrain: warning: live MLflow tracking is off ({action} "
@@ -75,7 +76,13 @@ class LiveRun(Callback):
     def _start(self, state: TrainState) -> None:
         import mlflow
 
-        from contrastive.tracking import connect, ensure_experiment, store_lock, tracking_uri
+        from contrastive.store import (
+            connect,
+            ensure_experiment,
+            logged_params,
+            store_lock,
+            tracking_uri,
+        )
 
         self.manifest = load_manifest(self.prepared_dir)
         uri = tracking_uri()
@@ -98,7 +105,7 @@ class LiveRun(Callback):
                                    tags={RUN_KEY_TAG: state.run_key,
                                          "data_hash": str(m.get("data_hash"))},
                                    log_system_metrics=True)
-            mlflow.log_params({k: str(v) for k, v in flatten(p).items()})
+            mlflow.log_params(logged_params(p))
             mlflow.log_input(self._dataset(), context="training")
         self.run_id, self.active = run.info.run_id, True
 
@@ -111,11 +118,13 @@ class LiveRun(Callback):
         counts = m.get("totals", {})
         size = m.get("image_size", 0)
         shape_hint = np.zeros((1, size, size, 3), dtype=np.uint8)  # schema only, not the images
-        return mlflow.data.from_numpy(
-            shape_hint, source=f"{self.prepared_dir.as_posix()}/train.npz",
-            name=f"{m.get('source', 'data')}-{size}px-{counts.get('train', '?')}-train",
-            digest=str(m.get("data_hash", ""))[:36],
-        )
+        with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways"
+            warnings.simplefilter("ignore", UserWarning)
+            return mlflow.data.from_numpy(
+                shape_hint, source=f"{self.prepared_dir.as_posix()}/train.npz",
+                name=f"{m.get('source', 'data')}-{size}px-{counts.get('train', '?')}-train",
+                digest=str(m.get("data_hash", ""))[:36],
+            )
 
     def _log_epoch(self, record: dict[str, Any]) -> None:
         import mlflow

@@ -15,7 +15,7 @@ if that is impossible the gate refuses. A version whose ONNX parity failed or wh
 missing is never promoted. The decision and its reason are tags on the version (``gate.*``) and go
 into ``reports/registry.json``.
 
-Guarantees. A registration holds a lock on the store (:func:`~contrastive.tracking.store_lock`)
+Guarantees. A registration holds a lock on the store (:func:`~contrastive.store.store_lock`)
 from the moment it opens the store (which creates the schema of a new one) until its aliases are
 set, so registrations and manual promotions on one machine, or on machines sharing the SQLite
 folder, happen one after another: each decision sees the champion the previous one left, and the
@@ -37,27 +37,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from contrastive import paths
 from contrastive.config import ConfigError, Params
 from contrastive.files import write_json
-from contrastive.tracking import (
-    STATE_TAG,
-    RunRecord,
-    Snapshot,
+from contrastive.store import (
     TrackingError,
     connect,
     ensure_experiment,
-    find_or_log_run,
     first_line,
     mlflow_errors,
-    read_snapshot,
     store_lock,
     tracking_uri,
 )
+from contrastive.tracking import STATE_TAG, RunRecord, Snapshot, find_or_log_run, read_snapshot
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
-REPORT = "reports/registry.json"
+REPORT = paths.REGISTRY_REPORT
 AUDIT = "audit."  # registered-model tags audit.000001, audit.000002, ...: the manual decisions
-PREPARED = "data/prepared"
+PREPARED = paths.PREPARED
 TOLERANCE = 1e-9  # a gain equal to min_improvement passes despite float rounding
 
 
@@ -327,7 +324,7 @@ def register_stage(params: Params, root: str | Path = ".") -> dict[str, Any]:
     """Log this pipeline state as one MLflow run, register it, run the gate, write the report.
 
     Raises :class:`ConfigError` when an upstream output is missing and
-    :class:`~contrastive.tracking.TrackingError` when the store fails; then the earlier report stays
+    :class:`~contrastive.store.TrackingError` when the store fails; then the earlier report stays
     as it was, nothing else is touched, and a rerun completes the registration without duplicates.
     """
     root = Path(root)

@@ -1,16 +1,15 @@
-"""MLflow tracking: where the store is, how failures are reported, and one run per pipeline state.
+"""Run logging: one MLflow run per pipeline state, made from the upstream stages' outputs.
 
-The store is ``MLFLOW_TRACKING_URI`` when set, else the embedded ``sqlite:///mlflow.db`` in the
-project with artifacts in ``mlartifacts/`` beside it. :func:`log_pipeline_run` turns the outputs of
+:func:`log_pipeline_run` turns the outputs of
 the four upstream stages into one run (params, per-epoch history, final metrics, artifacts, model
 card, tags that trace it back to git, ``dvc.lock`` and the data) holding an ONNX and a PyTorch
 model. The run is tagged with a *pipeline-state key*, a hash of what defines the model (weights,
 ONNX file, probe results, params, data), so a retry finds a finished run instead of logging a
 second one, and measuring again (timings) registers nothing new.
 
-Every MLflow call that can fail because of the store (server unreachable, SQLite locked, registry
-error) runs inside :func:`mlflow_errors`, which turns the failure into one :class:`TrackingError`
-line saying what failed and how to retry. Nothing here writes to the pipeline's own files.
+The store itself (where it is, its lock, its errors) is :mod:`contrastive.store`; where a model came
+from (git, ``dvc.lock``) is :mod:`contrastive.provenance`. Nothing here writes to the pipeline's
+own files.
 """
 
 from __future__ import annotations
@@ -18,40 +17,31 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import logging
-import os
-import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from contrastive.config import ConfigError, Params, StageFailed, flatten, params_hash
-
-DEFAULT_DB = "mlflow.db"
-ARTIFACT_DIR = "mlartifacts"
-LOCK_TIMEOUT_S = 600
-UPSTREAM_STAGES = ("prepare", "pretrain", "probe", "export")
+from contrastive import paths
+from contrastive.config import ConfigError, Params, flatten, params_hash
+from contrastive.provenance import UPSTREAM_STAGES, dvc_lock_hashes, git_state
+from contrastive.store import logged_params
 
 # What the register stage reads: declared as its deps in dvc.yaml, hashed into the state key.
 INPUTS = {
-    "manifest": "data/prepared/manifest.json",
-    "encoder": "models/encoder.pt",
-    "onnx": "models/encoder.onnx",
-    "pretrain": "metrics/pretrain.json",
-    "probe": "metrics/probe.json",
-    "export": "metrics/export.json",
-    "history": "plots/pretrain.csv",
-    "knn": "plots/knn.csv",
-    "confusion": "plots/confusion.csv",
-    "embedding": "plots/embedding.png",
+    "manifest": paths.MANIFEST,
+    "encoder": paths.ENCODER,
+    "onnx": paths.ONNX,
+    "pretrain": paths.PRETRAIN_METRICS,
+    "probe": paths.PROBE_METRICS,
+    "export": paths.EXPORT_METRICS,
+    "history": paths.PRETRAIN_HISTORY,
+    "knn": paths.KNN_HISTORY,
+    "confusion": paths.CONFUSION,
+    "embedding": paths.EMBEDDING_PLOT,
 }
 # The inputs logged as run artifacts (the models go in as MLflow models), and the recipe files
 # logged under recipe/ when present.
@@ -61,128 +51,10 @@ ARTIFACTS = (
 RECIPE_FILES = ("params.yaml", "dvc.yaml", "dvc.lock")
 
 STATE_TAG = "pipeline_state"
+LIVE_TAG = "pretrain.run_key"
+"""Tags the pretraining's live run (:mod:`contrastive.live`) with the checkpoint's run key."""
 ONNX_TAG = "onnx_model_uri"
 PYTORCH_TAG = "pytorch_model_uri"
-
-
-class TrackingError(StageFailed):
-    """The MLflow store failed (unreachable, locked, refused a write); the pipeline is intact."""
-
-
-# --- the store ----------------------------------------------------------------------------------
-
-
-def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the project's embedded SQLite store (absolute path)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI, else None."""
-    prefix = "sqlite:///"
-    return Path(uri[len(prefix):]) if uri.startswith(prefix) else None
-
-
-def artifact_location(uri: str) -> str | None:
-    """Where new experiments keep artifacts: ``mlartifacts/`` beside a SQLite file; a server's
-    own default otherwise (None)."""
-    db = sqlite_path(uri)
-    return (db.resolve().parent / ARTIFACT_DIR).as_uri() if db else None
-
-
-def connect(uri: str | None = None, must_exist: bool = False) -> Any:
-    """Point MLflow at ``uri`` (default :func:`tracking_uri`) and return an ``MlflowClient``.
-
-    ``must_exist`` is for read-only commands: a missing SQLite file is a :class:`ConfigError`
-    instead of a new, empty store. Opening a new store creates its schema, which two processes
-    must not do at once: whoever may open a new store holds :func:`store_lock` while connecting.
-    """
-    import mlflow
-
-    uri = uri or tracking_uri()
-    db = sqlite_path(uri)
-    if must_exist and db is not None and not db.is_file():
-        raise ConfigError(
-            f"no MLflow store at {db}; run the pipeline first (make run) or set MLFLOW_TRACKING_URI"
-        )
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # schema-migration chatter
-    mlflow.set_tracking_uri(uri)
-    with mlflow_errors("opening the MLflow store", uri):
-        return mlflow.MlflowClient(tracking_uri=uri)
-
-
-def first_line(exc: BaseException, limit: int = 200) -> str:
-    """``Type: first line of the message``, shortened: what an error line can hold."""
-    text = str(exc).strip().splitlines()
-    message = f"{type(exc).__name__}: {text[0] if text else ''}"
-    return message if len(message) <= limit else message[: limit - 3] + "..."
-
-
-@contextmanager
-def mlflow_errors(action: str, uri: str | None = None) -> Iterator[None]:
-    """Turn a store failure inside the block into one :class:`TrackingError` line with a retry hint.
-
-    ``ConfigError`` and ``StageFailed`` pass through: they already say what is wrong.
-    """
-    import requests
-    import sqlalchemy.exc
-    from mlflow.exceptions import MlflowException
-
-    try:
-        yield
-    except (ConfigError, StageFailed):
-        raise
-    except (MlflowException, requests.RequestException, sqlalchemy.exc.SQLAlchemyError,
-            OSError) as exc:
-        raise TrackingError(
-            f"{action} failed at {uri or tracking_uri()}: {first_line(exc)}. The pipeline's "
-            "files are intact. Fix the store (server up? SQLite file free?) and retry; "
-            "`dvc repro` or `contrastive register` then reuses the run and version already "
-            "recorded"
-        ) from exc
-
-
-@contextmanager
-def store_lock(uri: str) -> Iterator[None]:
-    """Hold a file lock for the store while registering, so registrations happen one at a time.
-
-    The lock sits beside a SQLite file, or in the temporary folder keyed by the URI for a server.
-    It serialises every process on this machine (and on any machine sharing the SQLite folder);
-    processes on other machines that register into the same server are not covered.
-    """
-    from filelock import FileLock, Timeout
-
-    db = sqlite_path(uri)
-    if db is not None:
-        path = db.with_name(db.name + ".lock")
-    else:
-        key = hashlib.sha256(uri.encode()).hexdigest()[:12]
-        path = Path(tempfile.gettempdir()) / f"contrastive-registry-{key}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(path)
-    try:
-        lock.acquire(timeout=LOCK_TIMEOUT_S)
-    except Timeout:
-        raise TrackingError(
-            f"another registration held {path} for {LOCK_TIMEOUT_S} s; retry when it has finished"
-        ) from None
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def ensure_experiment(client: Any, name: str, uri: str) -> str:
-    """The id of experiment ``name``, created (with local artifacts for SQLite) when missing."""
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        if experiment.lifecycle_stage == "deleted":
-            raise ConfigError(
-                f"registry.experiment: '{name}' is deleted in {uri}; restore it "
-                "(mlflow experiments restore) or choose another name"
-            )
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location(uri))
 
 
 # --- what a run is made from --------------------------------------------------------------------
@@ -294,62 +166,6 @@ def _read_history(history_csv: Path, knn_csv: Path) -> list[dict[str, float]]:
     return rows
 
 
-def git_state(root: Path) -> dict[str, str]:
-    """``git.commit``, ``git.dirty`` and ``git.changed`` (files that differ from the commit).
-
-    Files that DVC writes (stage outputs, metrics, plots, ``dvc.lock``) do not make the tree dirty:
-    during ``dvc repro`` they always differ, and their hashes are recorded separately.
-    """
-
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
-                              check=True, timeout=30)
-        return done.stdout
-
-    try:
-        commit = git("rev-parse", "HEAD").strip()
-        status = git("status", "--porcelain", "--untracked-files=no").splitlines()
-    except (OSError, subprocess.SubprocessError):
-        return {"git.commit": "unknown", "git.dirty": "unknown"}
-    produced = _dvc_outputs(root / "dvc.yaml") | {"dvc.lock"}
-    changed = [line[3:].split(" -> ")[-1].strip('"') for line in status]
-    changed = [p for p in changed if not any(p == o or p.startswith(o + "/") for o in produced)]
-    tags = {"git.commit": commit, "git.dirty": str(bool(changed)).lower()}
-    if changed:
-        tags["git.changed"] = ", ".join(changed[:20]) + (" ..." if len(changed) > 20 else "")
-    return tags
-
-
-def _dvc_outputs(dvc_yaml: Path) -> set[str]:
-    """Paths of every stage's outs, metrics and plots in ``dvc.yaml`` (empty if absent)."""
-    if not dvc_yaml.is_file():
-        return set()
-    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
-    paths: set[str] = set()
-    for stage in stages.values():
-        for kind in ("outs", "metrics", "plots"):
-            for entry in stage.get(kind, []):
-                paths.add(next(iter(entry)) if isinstance(entry, dict) else str(entry))
-    return {p.rstrip("/") for p in paths}
-
-
-def dvc_lock_hashes(lock_path: Path) -> dict[str, str]:
-    """``dvc.lock.<stage>``: a short hash of each upstream stage's ``dvc.lock`` entry.
-
-    DVC writes a stage's entry as soon as it completes, so during ``dvc repro`` the upstream
-    entries describe exactly the outputs being registered. Outside DVC: ``unknown``.
-    """
-    entries = {}
-    if lock_path.is_file():
-        entries = (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {})
-    tags = {}
-    for stage in UPSTREAM_STAGES:
-        entry = entries.get(stage)
-        digest = hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:16]
-        tags[f"dvc.lock.{stage}"] = digest if entry else "unknown"
-    return tags
-
-
 # --- the run ------------------------------------------------------------------------------------
 
 
@@ -365,10 +181,13 @@ class RunRecord:
 
 def find_or_log_run(client: Any, experiment_id: str, snapshot: Snapshot,
                     root: str | Path = ".") -> RunRecord:
-    """The finished run tagged with this pipeline state, or a new one logged now.
+    """The finished run tagged with this pipeline state; else the pretraining's live run,
+    completed now; else a new run logged now.
 
     Runs of this state that did not finish (a crash or store failure mid-way) are deleted first,
-    so each pipeline state keeps exactly one run however many retries it took.
+    so each pipeline state keeps exactly one run however many retries it took. The live run of
+    the pretraining (:mod:`contrastive.live`) is adopted only if it finished, belongs to no other
+    state yet and logged no param with another value.
     """
     runs = client.search_runs(
         [experiment_id], filter_string=f"tags.{STATE_TAG} = '{snapshot.state_key}'"
@@ -378,12 +197,36 @@ def find_or_log_run(client: Any, experiment_id: str, snapshot: Snapshot,
         if run.info.status == "FINISHED" and ONNX_TAG in tags and PYTORCH_TAG in tags:
             return RunRecord(run.info.run_id, tags[ONNX_TAG], tags[PYTORCH_TAG], reused=True)
     for run in runs:
-        client.delete_run(run.info.run_id)
-    return log_pipeline_run(experiment_id, snapshot, root)
+        if LIVE_TAG not in run.data.tags:
+            client.delete_run(run.info.run_id)
+    live = live_run(client, experiment_id, snapshot)
+    return log_pipeline_run(experiment_id, snapshot, root, live)
 
 
-def log_pipeline_run(experiment_id: str, snapshot: Snapshot, root: str | Path = ".") -> RunRecord:
-    """Log one run: params, history, final metrics, artifacts, model card, tags and both models."""
+def live_run(client: Any, experiment_id: str, snapshot: Snapshot) -> Any | None:
+    """The finished live run of this pretraining that this state can adopt, if any."""
+    key = snapshot.metrics["pretrain"].get("params_hash")
+    if not key:
+        return None
+    params = logged_params(snapshot.params)
+    for run in client.search_runs(
+        [experiment_id], filter_string=f"tags.`{LIVE_TAG}` = '{key}'",
+        order_by=["attributes.start_time DESC"],
+    ):
+        same_params = all(params.get(k, v) == v for k, v in run.data.params.items())
+        state = run.data.tags.get(STATE_TAG)
+        if run.info.status == "FINISHED" and same_params and state in (None, snapshot.state_key):
+            return run
+    return None
+
+
+def log_pipeline_run(experiment_id: str, snapshot: Snapshot, root: str | Path = ".",
+                     live: Any | None = None) -> RunRecord:
+    """Log one run: params, history, final metrics, artifacts, model card, tags and both models.
+
+    Into ``live``, the pretraining's own run, when given: its history and params are already
+    there, and the state tag is set last, when the run is complete.
+    """
     import mlflow
     from mlflow.entities import Metric
 
@@ -391,11 +234,18 @@ def log_pipeline_run(experiment_id: str, snapshot: Snapshot, root: str | Path = 
     params, manifest = snapshot.params, snapshot.manifest
     name = (f"{manifest.get('source', 'data')}-{params.model.encoder}-e{params.train.epochs}"
             f"-{snapshot.state_key[:8]}")
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=snapshot.tags) as run:
+    tags = {k: v for k, v in snapshot.tags.items() if k != STATE_TAG}
+    if live is None:
+        started = mlflow.start_run(experiment_id=experiment_id, run_name=name,
+                                   tags=snapshot.tags)
+    else:
+        started = mlflow.start_run(run_id=live.info.run_id, tags=tags)
+    with started as run:
         client, run_id = mlflow.MlflowClient(), run.info.run_id
-        mlflow.log_params({k: _param_value(v) for k, v in flatten(params).items()})
+        known = live.data.params if live is not None else {}
+        mlflow.log_params({k: v for k, v in logged_params(params).items() if k not in known})
         now = int(time.time() * 1000)
-        history = [
+        history = [] if live is not None else [
             Metric(f"train/{key}", value, now, int(row["epoch"]))
             for row in snapshot.history for key, value in row.items() if key != "epoch"
         ]
@@ -409,12 +259,9 @@ def log_pipeline_run(experiment_id: str, snapshot: Snapshot, root: str | Path = 
                 client.log_artifact(run_id, str(root / file), "recipe")
         mlflow.log_text(model_card(snapshot, run_id), "model_card.md")
         onnx_uri, pytorch_uri = _log_models(root)
-        mlflow.set_tags({ONNX_TAG: onnx_uri, PYTORCH_TAG: pytorch_uri})
+        mlflow.set_tags({ONNX_TAG: onnx_uri, PYTORCH_TAG: pytorch_uri,
+                         STATE_TAG: snapshot.state_key})
     return RunRecord(run_id, onnx_uri, pytorch_uri, reused=False)
-
-
-def _param_value(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, list | dict) else str(value)
 
 
 def final_metrics(snapshot: Snapshot) -> dict[str, float]:

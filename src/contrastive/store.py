@@ -1,0 +1,150 @@
+"""The MLflow store: where it is, opening it, one writer at a time, and failures as one line.
+
+The store is ``MLFLOW_TRACKING_URI`` when set, else the embedded ``sqlite:///mlflow.db`` in the
+project with artifacts in ``mlartifacts/`` beside it. Every MLflow call that can fail because of
+the store (server unreachable, SQLite locked, registry error) runs inside :func:`mlflow_errors`,
+which turns the failure into one :class:`TrackingError` line saying what failed and how to retry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from contrastive.config import ConfigError, Params, StageFailed, flatten
+
+DEFAULT_DB = "mlflow.db"
+ARTIFACT_DIR = "mlartifacts"
+LOCK_TIMEOUT_S = 600
+
+
+class TrackingError(StageFailed):
+    """The MLflow store failed (unreachable, locked, refused a write); the pipeline is intact."""
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the project's embedded SQLite store (absolute path)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, else None."""
+    prefix = "sqlite:///"
+    return Path(uri[len(prefix):]) if uri.startswith(prefix) else None
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where new experiments keep artifacts: ``mlartifacts/`` beside a SQLite file; a server's
+    own default otherwise (None)."""
+    db = sqlite_path(uri)
+    return (db.resolve().parent / ARTIFACT_DIR).as_uri() if db else None
+
+
+def connect(uri: str | None = None, must_exist: bool = False) -> Any:
+    """Point MLflow at ``uri`` (default :func:`tracking_uri`) and return an ``MlflowClient``.
+
+    ``must_exist`` is for read-only commands: a missing SQLite file is a :class:`ConfigError`
+    instead of a new, empty store. Opening a new store creates its schema, which two processes
+    must not do at once: whoever may open a new store holds :func:`store_lock` while connecting.
+    """
+    import mlflow
+
+    uri = uri or tracking_uri()
+    db = sqlite_path(uri)
+    if must_exist and db is not None and not db.is_file():
+        raise ConfigError(
+            f"no MLflow store at {db}; run the pipeline first (make run) or set MLFLOW_TRACKING_URI"
+        )
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # schema-migration chatter
+    mlflow.set_tracking_uri(uri)
+    with mlflow_errors("opening the MLflow store", uri):
+        return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``, shortened: what an error line can hold."""
+    text = str(exc).strip().splitlines()
+    message = f"{type(exc).__name__}: {text[0] if text else ''}"
+    return message if len(message) <= limit else message[: limit - 3] + "..."
+
+
+@contextmanager
+def mlflow_errors(action: str, uri: str | None = None) -> Iterator[None]:
+    """Turn a store failure inside the block into one :class:`TrackingError` line with a retry hint.
+
+    ``ConfigError`` and ``StageFailed`` pass through: they already say what is wrong.
+    """
+    import requests
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except (ConfigError, StageFailed):
+        raise
+    except (MlflowException, requests.RequestException, sqlalchemy.exc.SQLAlchemyError,
+            OSError) as exc:
+        raise TrackingError(
+            f"{action} failed at {uri or tracking_uri()}: {first_line(exc)}. The pipeline's "
+            "files are intact. Fix the store (server up? SQLite file free?) and retry; "
+            "`dvc repro` or `contrastive register` then reuses the run and version already "
+            "recorded"
+        ) from exc
+
+
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold a file lock for the store while registering, so registrations happen one at a time.
+
+    The lock sits beside a SQLite file, or in the temporary folder keyed by the URI for a server.
+    It serialises every process on this machine (and on any machine sharing the SQLite folder);
+    processes on other machines that register into the same server are not covered.
+    """
+    from filelock import FileLock, Timeout
+
+    db = sqlite_path(uri)
+    if db is not None:
+        path = db.with_name(db.name + ".lock")
+    else:
+        key = hashlib.sha256(uri.encode()).hexdigest()[:12]
+        path = Path(tempfile.gettempdir()) / f"contrastive-registry-{key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=LOCK_TIMEOUT_S)
+    except Timeout:
+        raise TrackingError(
+            f"another registration held {path} for {LOCK_TIMEOUT_S} s; retry when it has finished"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def ensure_experiment(client: Any, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created (with local artifacts for SQLite) when missing."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            raise ConfigError(
+                f"registry.experiment: '{name}' is deleted in {uri}; restore it "
+                "(mlflow experiments restore) or choose another name"
+            )
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location(uri))
+
+
+def logged_params(params: Params) -> dict[str, str]:
+    """The params as runs record them: flat keys (``train.lr``), lists and mappings as JSON."""
+    return {
+        k: json.dumps(v) if isinstance(v, list | dict) else str(v)
+        for k, v in flatten(params).items()
+    }
