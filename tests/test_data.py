@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from contrastive.config import ConfigError, DataConfig
-from contrastive.data import SPLITS, _read_image, load_manifest, load_split, prepare
+from contrastive.data import SPLITS, load_manifest, load_split, prepare, read_image
 
 FILES = ("train.npz", "val.npz", "test.npz", "manifest.json")
 
@@ -371,7 +371,7 @@ def test_16_bit_greyscale_png_keeps_its_shades(tmp_path: Path) -> None:
     ramp = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1040  # 0 .. 65520 in 64 steps
     save_png(tmp_path / "deep.png", Image.fromarray(ramp))
     assert Image.open(tmp_path / "deep.png").mode == "I;16"
-    pixels = _read_image(tmp_path / "deep.png", 8)
+    pixels = read_image(tmp_path / "deep.png", 8)
     expected = np.rint(ramp / 257).astype(np.uint8)  # 65535 -> 255
     for channel in range(3):
         np.testing.assert_array_equal(pixels[..., channel], expected)

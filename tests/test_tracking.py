@@ -384,7 +384,7 @@ def write_images(folder: Path, count: int) -> list[Path]:
 def test_embed_by_alias_equals_the_local_onnx_and_pyfunc(
     project: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from contrastive.data import _read_image
+    from contrastive.data import read_image
 
     files = write_images(project / "images", 5)
     (project / "images" / "broken.png").write_bytes(b"not an image")
@@ -399,7 +399,7 @@ def test_embed_by_alias_equals_the_local_onnx_and_pyfunc(
     assert table["file"] == [str(f) for f in files]
     np.testing.assert_array_equal(by_alias, np.array(table["embedding"], dtype=np.float32))
 
-    images = np.stack([_read_image(f, SIZE) for f in files])
+    images = np.stack([read_image(f, SIZE) for f in files])
     reference = ort_session("models/encoder.onnx").run(None, {"images": images})[0]
     np.testing.assert_allclose(by_alias, reference, atol=1e-6)
     predicted = mlflow.pyfunc.load_model(champion).predict(images)["embeddings"]

@@ -301,7 +301,7 @@ def _read_class_folders(
                 continue
             relative = path.relative_to(root).as_posix()
             try:
-                images.append(_read_image(path, size))
+                images.append(read_image(path, size))
             except Exception as exc:  # any decoder failure means: skip this file and say why
                 reason = " ".join(f"{type(exc).__name__}: {exc}".split())
                 reason = reason.replace(str(path), relative)
@@ -311,7 +311,7 @@ def _read_class_folders(
     return images, labels
 
 
-def _read_image(path: Path, size: int) -> np.ndarray:
+def read_image(path: Path, size: int) -> np.ndarray:
     """Decode a whole image file (truncated files raise), upright, RGB, resized: uint8 (S, S, 3).
 
     16-bit greyscale (PIL modes ``I;16*``, and ``I`` as older Pillow opens such PNGs) is scaled to

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from contrastive.config import ConfigError
-from contrastive.data import _read_image as read_image  # the prepare stage's image decoding
+from contrastive.data import read_image  # the prepare stage's image decoding
 from contrastive.export import INPUT_NAME, OUTPUT_NAME, onnx_metadata, ort_session
 from contrastive.files import atomic_path
 from contrastive.store import connect, first_line, mlflow_errors
