@@ -14,6 +14,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,84 @@ def collapse_reason(spread: float, knn_top1: float | None, val_labels: np.ndarra
     return None
 
 
+@dataclass(frozen=True)
+class TrainingData:
+    """The prepared data that pretraining reads: the manifest, and train and val as arrays."""
+
+    manifest: dict[str, Any]
+    train: tuple[np.ndarray, np.ndarray]
+    val: tuple[np.ndarray, np.ndarray]
+
+    @classmethod
+    def load(cls, prepared_dir: str | Path) -> TrainingData:
+        return cls(
+            load_manifest(prepared_dir),
+            load_split(prepared_dir, "train"),
+            load_split(prepared_dir, "val"),
+        )
+
+
+def build_run(
+    params: Params, data: TrainingData, device: torch.device
+) -> tuple[TrainState, InMemoryBatches]:
+    """The method around a freshly initialised encoder (seeded), its optimiser and its batches."""
+    cfg, manifest = params.train, data.manifest
+    _, channels_last = resolve_precision(cfg, device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    seed_everything(params.seed)
+    encoder = build_encoder(params.model, manifest["image_size"])
+    train_x, train_y = data.train
+    weights = (
+        class_weights(train_y, manifest["num_classes"]) if cfg.class_balance == "weights" else None
+    )
+    method = build(encoder, params, weights).to(device, memory_format=memory_format)
+    if cfg.compile:
+        encoder.compile()  # in place: the state_dict keys stay the same
+    optimizer = build_optimizer(method, cfg, fused=device.type == "cuda")
+    batches = InMemoryBatches(
+        torch.from_numpy(train_x).to(device),
+        torch.from_numpy(train_y).to(device),
+        cfg.batch_size,
+        SimCLRViews(params.augment, manifest["image_size"]),
+        manifest["mean"],
+        manifest["std"],
+        params.seed,
+        memory_format,
+        balanced=cfg.class_balance == "sampler",
+    )
+    key = run_key(params, manifest["data_hash"])
+    state = TrainState(method, optimizer, cfg.epochs, batches.steps_per_epoch, cfg.batch_size, key)
+    return state, batches
+
+
+def summarize(
+    state: TrainState, params: Params, data: TrainingData, device: torch.device
+) -> dict[str, Any]:
+    """The stage's metrics from the finished run's history, with the collapse check."""
+    history = state.history
+    knn = [r["knn_top1"] for r in history if "knn_top1" in r]
+    spread = history[-1].get("embedding_spread", 1.0)
+    collapsed = collapse_reason(spread, knn[-1] if knn else None, data.val[1])
+    bf16, _ = resolve_precision(params.train, device)
+    metrics = {
+        "final_loss": history[-1]["loss"],
+        "knn_val_top1": knn[-1] if knn else None,
+        "embedding_spread": spread,
+        "collapsed": collapsed is not None,
+        "epochs": params.train.epochs,
+        "method": params.train.method,
+        "images_per_s": round(sum(r["images_per_s"] for r in history) / len(history), 1),
+        "device": device.type,
+        "precision": "bf16" if bf16 else "fp32",
+        "params_hash": state.run_key,
+    }
+    if "temperature" in history[-1]:
+        metrics["temperature"] = history[-1]["temperature"]
+    if collapsed:
+        metrics["collapse_reason"] = collapsed
+    return metrics
+
+
 def pretrain(
     params: Params,
     prepared_dir: str | Path = paths.PREPARED,
@@ -170,97 +249,52 @@ def pretrain(
     metrics and the per-epoch history. Outputs are written only at the end, each atomically:
     a failed or killed run leaves the previous ones in place.
 
-    ``callbacks`` run after the stage's own (progress, kNN monitor, checkpoint).
+    ``callbacks`` run after the stage's own (kNN monitor, progress, checkpoint).
     ``stop_after_epoch`` ends the run after that epoch's checkpoint, as a kill would.
     """
-    cfg = params.train
-    manifest = load_manifest(prepared_dir)
-    train_x, train_y = load_split(prepared_dir, "train")
-    val = load_split(prepared_dir, "val")
-    check_pretrain(params, manifest, train_y)
+    data = TrainingData.load(prepared_dir)
+    check_pretrain(params, data.manifest, data.train[1])
     device = resolve_device(params.device)
-    bf16, channels_last = resolve_precision(cfg, device)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-
-    seed_everything(params.seed)
-    num_classes = manifest["num_classes"]
-    encoder = build_encoder(params.model, manifest["image_size"])
-    weights = class_weights(train_y, num_classes) if cfg.class_balance == "weights" else None
-    method = build(encoder, params, weights).to(device, memory_format=memory_format)
-    if cfg.compile:
-        encoder.compile()  # in place: the state_dict keys stay the same
-    optimizer = build_optimizer(method, cfg, fused=device.type == "cuda")
-    mean, std = manifest["mean"], manifest["std"]
-    batches = InMemoryBatches(
-        torch.from_numpy(train_x).to(device),
-        torch.from_numpy(train_y).to(device),
-        cfg.batch_size,
-        SimCLRViews(params.augment, manifest["image_size"]),
-        mean,
-        std,
-        params.seed,
-        memory_format,
-        balanced=cfg.class_balance == "sampler",
-    )
-    key = run_key(params, manifest["data_hash"])
-    state = TrainState(
-        method, optimizer, cfg.epochs, batches.steps_per_epoch, cfg.batch_size, key
-    )
+    state, batches = build_run(params, data, device)
     checkpointer = Checkpointer(checkpoint_dir)
     checkpointer.resume(state, device)
+    manifest, probe = data.manifest, params.probe
     monitor = KnnMonitor(
-        cfg.knn_every, (train_x, train_y), val, mean, std, device, num_classes,
-        params.probe.knn_k, params.probe.knn_temperature, params.probe.batch_size,
+        params.train.knn_every, data.train, data.val, manifest["mean"], manifest["std"], device,
+        manifest["num_classes"], probe.knn_k, probe.knn_temperature, probe.batch_size,
     )
-    stages_own: list[Callback] = [monitor, ProgressBar(), checkpointer]
+    own: list[Callback] = [monitor, ProgressBar(), checkpointer]
     if stop_after_epoch is not None:
-        stages_own.append(StopAfter(stop_after_epoch))
+        own.append(StopAfter(stop_after_epoch))
+    bf16, _ = resolve_precision(params.train, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else None
-    fit(state, batches, scaled_lr(cfg), cfg.warmup_epochs, [*stages_own, *callbacks], autocast)
-    if state.epoch < cfg.epochs:
+    fit(state, batches, scaled_lr(params.train), params.train.warmup_epochs,
+        [*own, *callbacks], autocast)
+    if state.epoch < params.train.epochs:
         return {"stopped_after_epoch": state.epoch}
 
-    history = state.history
-    knn_records = [r for r in history if "knn_top1" in r]
-    knn_top1 = knn_records[-1]["knn_top1"] if knn_records else None
-    spread = history[-1].get("embedding_spread", 1.0)
-    collapsed = collapse_reason(spread, knn_top1, val[1])
-    metrics = {
-        "final_loss": history[-1]["loss"],
-        "knn_val_top1": knn_top1,
-        "embedding_spread": spread,
-        "collapsed": collapsed is not None,
-        "epochs": cfg.epochs,
-        "method": cfg.method,
-        "images_per_s": round(sum(r["images_per_s"] for r in history) / len(history), 1),
-        "device": device.type,
-        "precision": "bf16" if bf16 else "fp32",
-        "params_hash": key,
-    }
-    if "temperature" in history[-1]:
-        metrics["temperature"] = history[-1]["temperature"]
-    if collapsed:
-        metrics["collapse_reason"] = collapsed
+    metrics = summarize(state, params, data, device)
+    if metrics["collapsed"]:
         print(
-            f"contrastive pretrain: WARNING: the representation collapsed: {collapsed}. The "
-            "register stage will refuse this model; lower train.lr or change the method",
+            f"contrastive pretrain: WARNING: the representation collapsed: "
+            f"{metrics['collapse_reason']}. The register stage will refuse this model; lower "
+            "train.lr or change the method",
             file=sys.stderr,
         )
+    encoder = state.method.encoder
     info = EncoderInfo(
         model=params.model.model_dump(mode="json"),
         image_size=manifest["image_size"],
-        mean=mean,
-        std=std,
+        mean=manifest["mean"],
+        std=manifest["std"],
         embedding_dim=encoder.embedding_dim,
         classes=manifest["classes"],
-        params_hash=key,
+        params_hash=state.run_key,
     )
     save_encoder(encoder_path, encoder.to(memory_format=torch.contiguous_format), info)
-    columns = ["epoch", "loss", "lr", "images_per_s"]
-    if "temperature" in history[-1]:
-        columns.append("temperature")
-    _write_csv(history_path, history, columns)
-    _write_csv(knn_path, knn_records, ["epoch", "knn_top1"])
+    extra = ["temperature"] if "temperature" in state.history[-1] else []
+    _write_csv(history_path, state.history, ["epoch", "loss", "lr", "images_per_s", *extra])
+    _write_csv(knn_path, [r for r in state.history if "knn_top1" in r], ["epoch", "knn_top1"])
     write_json(metrics_path, metrics)
     return metrics
 
