@@ -18,9 +18,10 @@ All processes start first; the competitors are then paused (SIGSTOP) and resumed
 each measurement, so no start-up falls into one. For every round and every competition, each
 policy in turn trains ``--seconds`` (at least ``--min-steps`` steps) while the others wait. Every
 line gives the median pairs/s over the rounds, the ratio to the same policy's idle throughput and
-to the old policy under the same competition, and the load average (which counts the
-competitors). Target: with one competitor on 2 cores, the new policy keeps at least 40% of its
-idle throughput. Exits 1 if a loss is not finite.
+to the old policy under the same competition, and the 1-minute load average at the end of each of
+its measurements (it counts the competitors, and lags: it climbs for a minute after they start).
+Target: with one competitor on 2 cores, the new policy keeps at least 40% of its idle throughput.
+Exits 1 if a loss is not finite.
 
     python bench/contention.py [--seconds 3] [--rounds 2] [--competitors 1,2] [--kinds spin,torch]
 """
@@ -40,7 +41,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from _common import ROOT, WrongResult, line, run
+from _common import ROOT, WrongResult, run
 
 TARGET = 0.4
 """Share of the idle throughput to keep with one competitor (on 2 cores)."""
@@ -258,6 +259,7 @@ def main() -> None:
                     try:
                         for policy, c in children.items():
                             m = c.measure(args.seconds, args.min_steps)
+                            m["load"] = os.getloadavg()[0]
                             results.setdefault((policy, kind, count), []).append(m)
                             if not math.isfinite(m["loss"]):
                                 raise WrongResult(f"{policy}: loss {m['loss']}")
@@ -293,8 +295,10 @@ def report(
                 parts.append(f"{pairs / rate('old', kind, count):.1f}x old")
             if count == 1 and policy == "new":
                 parts.append(f"target >= {TARGET:.0%}: {'met' if share >= TARGET else 'NOT met'}")
+            loads = [m["load"] for m in results[(policy, kind, count)]]
             label = "idle" if not count else f"{count} {kind}"
-            line(f"{policy:<12} {label}", *parts)
+            print(f"{policy:<12} {label:<8} " + "  ".join(parts)
+                  + f"  load {min(loads):.2f}-{max(loads):.2f} (at the end of each)", flush=True)
 
 
 if __name__ == "__main__":
