@@ -7,7 +7,8 @@ a batch at a time. Every epoch draws its order and its views from one generator 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -27,7 +28,9 @@ class InMemoryBatches:
     of an epoch is dropped.
 
     ``balanced`` draws each epoch's order with replacement so that every class is equally likely
-    (a class-balanced sampler), instead of a permutation.
+    (a class-balanced sampler), instead of a permutation. ``prefetch`` makes each batch on a
+    background thread while the caller trains on the one before; ``None`` decides by the device
+    (:func:`prefetch_by_default`). The batches are the same either way.
     """
 
     def __init__(
@@ -41,11 +44,13 @@ class InMemoryBatches:
         seed: int,
         memory_format: torch.memory_format = torch.contiguous_format,
         balanced: bool = False,
+        prefetch: bool | None = None,
     ) -> None:
         self.images, self.labels = images, labels
         self.batch_size, self.views = batch_size, views
         self.mean, self.std, self.seed = mean, std, seed
         self.memory_format, self.balanced = memory_format, balanced
+        self.prefetch = prefetch_by_default(images.device) if prefetch is None else prefetch
         self.steps_per_epoch = len(images) // batch_size
 
     def order(self, generator: torch.Generator) -> torch.Tensor:
@@ -58,16 +63,64 @@ class InMemoryBatches:
         return torch.multinomial(weights, n, replacement=True, generator=generator)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
+        """The epoch's batches, in order; with :attr:`prefetch`, each made while the caller
+        trains on the one before (same numbers: see :func:`one_ahead`)."""
         device = self.images.device
         generator = torch.Generator(device=device).manual_seed(epoch_seed(self.seed, epoch))
         order = self.order(generator)
-        for step in range(self.steps_per_epoch):
+        # CUDA streams are per thread: a prefetching thread must queue on the caller's stream
+        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+        def make(step: int) -> Batch:
             index = order[step * self.batch_size : (step + 1) * self.batch_size]
-            batch = self.images[index]
-            view_a, view_b = (
-                normalize(self.views(batch, generator), self.mean, self.std).contiguous(
-                    memory_format=self.memory_format
+            with torch.cuda.stream(stream):  # None (the CPU): nothing to do
+                view_a, view_b = (
+                    normalize(self.views(self.images[index], generator), self.mean, self.std)
+                    .contiguous(memory_format=self.memory_format)
+                    for _ in range(2)
                 )
-                for _ in range(2)
-            )
-            yield view_a, view_b, self.labels[index]
+                return view_a, view_b, self.labels[index]
+
+        if self.prefetch:
+            yield from one_ahead(make, self.steps_per_epoch)
+        else:
+            yield from (make(step) for step in range(self.steps_per_epoch))
+
+
+def prefetch_by_default(device: torch.device) -> bool:
+    """Whether batches on ``device`` are made one ahead when the caller does not say.
+
+    On CUDA, yes: the views are some 80 small kernels per batch, and queuing them from another
+    thread while the training step runs keeps the host's launch work (and any wait the views make)
+    off the step's critical path. On the CPU, no: the step already spreads its ops over every
+    usable CPU, so views made beside it can only take cores from it, and they are a small share of
+    a CPU step (about 8 ms of 300-600 ms for the digits default): measured on 2 cores, prefetching
+    did not pay, idle or contended (docs/benchmarks.md, "Contention").
+    """
+    return device.type == "cuda"
+
+
+def one_ahead(make: Callable[[int], Batch], count: int) -> Iterator[Batch]:
+    """``make(0), make(1), ..., make(count - 1)``, each computed on a background thread while the
+    caller works on the previous one.
+
+    The calls run one at a time and in order (``make(k + 1)`` starts only after ``make(k)`` has
+    returned), so a generator they share is drawn from in exactly the order of the plain loop and
+    the results are the same, only earlier. An exception in ``make`` is raised to the caller when
+    it asks for that batch. Grad and inference mode are per thread: ``make`` runs in the caller's.
+    """
+    if count == 0:
+        return
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def in_callers_mode(step: int) -> Batch:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return make(step)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="batch-prefetch") as worker:
+        pending: Future[Batch] = worker.submit(in_callers_mode, 0)
+        for step in range(count):
+            batch = pending.result()
+            if step + 1 < count:
+                pending = worker.submit(in_callers_mode, step + 1)
+            yield batch

@@ -16,6 +16,7 @@ from typing import Any
 
 from contrastive import paths
 from contrastive.config import ConfigError, Params, StageFailed, load_params
+from contrastive.cpu import configure_threads
 
 
 def _prepare(params: Params) -> dict[str, Any]:
@@ -146,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``contrastive`` command. Sets the CPU thread policy first, before any stage imports
+    torch (:func:`contrastive.cpu.configure_threads`): one thread per usable CPU, waiting threads
+    yield, unless the user set ``OMP_NUM_THREADS`` / ``OMP_WAIT_POLICY``."""
+    configure_threads()
     args = build_parser().parse_args(argv)
     try:
         result = args.run(args)
