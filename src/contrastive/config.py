@@ -206,6 +206,9 @@ class ProbeConfig(_Section):
         default_factory=lambda: [0.0, 1e-5, 1e-4, 1e-3, 1e-2], min_length=1
     )
     max_iter: Annotated[int, Field(ge=1)] = 200
+    """The most L-BFGS iterations of one fit of the regularisation path."""
+    tolerance: PositiveFloat = 1e-4
+    """A fit stops once no entry of its (preconditioned) gradient exceeds this."""
     knn_k: Annotated[int, Field(ge=1)] = 200
     knn_temperature: PositiveFloat = 0.1
     batch_size: Annotated[int, Field(ge=1)] = 512
