@@ -1,6 +1,7 @@
 """kNN, linear probe and accuracy helpers of the evaluation stage."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from contrastive.evaluate import (
     fit_linear_probe,
     fit_probe_path,
     knn_scores,
+    plot_embedding,
     topk_accuracy,
 )
 from contrastive.models import LinearProbe
@@ -143,3 +145,17 @@ def test_evaluate_features_is_deterministic_for_a_seed() -> None:
     assert first["linear_weight_decay"] in (0.0, 1e-3, 1e-1)
     assert first["linear_top1"] > 0.5  # a fitted probe, not chance (0.25)
 
+
+def test_plot_embedding_caps_the_tsne_sample(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(5).repeat(10)
+    features = F.one_hot(labels, 5).float() * 3 + torch.randn(50, 5, generator=g)
+    classes = [f"c{i}" for i in range(5)]
+    path = tmp_path / "embedding.png"
+    maps = plot_embedding(path, features, labels, classes, seed=0, tsne_points=20)
+    assert maps["PCA"].shape == (50, 2)  # PCA maps every point
+    assert maps["t-SNE"].shape == (20, 2)
+    assert path.read_bytes().startswith(b"\x89PNG")
+    again = plot_embedding(tmp_path / "again.png", features, labels, classes, 0, tsne_points=20)
+    assert (again["t-SNE"] == maps["t-SNE"]).all()  # the same seed draws the same subsample
+    assert set(plot_embedding(path, features, labels, classes, 0, tsne_points=0)) == {"PCA"}

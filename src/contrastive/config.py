@@ -209,6 +209,8 @@ class ProbeConfig(_Section):
     """The most L-BFGS iterations of one fit of the regularisation path."""
     tolerance: PositiveFloat = 1e-4
     """A fit stops once no entry of its (preconditioned) gradient exceeds this."""
+    tsne_points: Annotated[int, Field(ge=0)] = 1000
+    """The most test embeddings in the t-SNE map, drawn with the seed (0: none; PCA maps all)."""
     knn_k: Annotated[int, Field(ge=1)] = 200
     knn_temperature: PositiveFloat = 0.1
     batch_size: Annotated[int, Field(ge=1)] = 512

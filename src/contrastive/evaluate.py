@@ -305,7 +305,10 @@ def probe_stage(
     }
     save_probe(probe_path, probe)
     _write_confusion(confusion_path, pretrained.y_test, predictions, classes)
-    plot_embedding(embedding_plot, pretrained.test, pretrained.y_test, classes, params.seed)
+    plot_embedding(
+        embedding_plot, pretrained.test, pretrained.y_test, classes, params.seed,
+        params.probe.tsne_points,
+    )
     write_json(metrics_path, metrics)
     return metrics
 
@@ -322,9 +325,19 @@ def _write_confusion(
 
 
 def plot_embedding(
-    path: str | Path, features: torch.Tensor, labels: torch.Tensor, classes: list[str], seed: int
-) -> None:
-    """PCA and t-SNE maps of the test embeddings, coloured by class, side by side."""
+    path: str | Path,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    classes: list[str],
+    seed: int,
+    tsne_points: int = 1000,
+) -> dict[str, np.ndarray]:
+    """PCA and t-SNE maps of the test embeddings, coloured by class, side by side.
+
+    PCA maps every embedding; t-SNE, which costs seconds per thousand points where PCA costs
+    milliseconds, maps at most ``tsne_points`` of them, drawn with ``seed`` (0: no t-SNE map).
+    Returns each map's 2-d coordinates.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -332,22 +345,32 @@ def plot_embedding(
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
-    x = F.normalize(features, dim=1).numpy()
-    maps = {"PCA": PCA(n_components=2, random_state=seed).fit_transform(x)}
-    if len(x) > 5:
-        perplexity = min(30.0, (len(x) - 1) / 3)
-        maps["t-SNE"] = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
-            x
-        )
+    x, y = F.normalize(features, dim=1).numpy(), labels.numpy()
+    maps = {"PCA": (PCA(n_components=2, random_state=seed).fit_transform(x), y)}
+    keep = np.arange(len(x))
+    if len(x) > tsne_points:
+        keep = np.sort(np.random.default_rng(seed).choice(len(x), tsne_points, replace=False))
+    if len(keep) > 5:
+        perplexity = min(30.0, (len(keep) - 1) / 3)
+        tsne = TSNE(2, perplexity=perplexity, init="pca", random_state=seed)
+        maps["t-SNE"] = (tsne.fit_transform(x[keep]), y[keep])
     fig, axes = plt.subplots(1, len(maps), figsize=(6 * len(maps), 5.5), squeeze=False)
-    for ax, (name, xy) in zip(axes[0], maps.items(), strict=True):
-        scatter = ax.scatter(xy[:, 0], xy[:, 1], c=labels.numpy(), cmap="tab10", s=8, alpha=0.8)
-        ax.set_title(f"{name} of test embeddings ({len(x)} images)")
+    scatters = []
+    for ax, (name, (xy, colour)) in zip(axes[0], maps.items(), strict=True):
+        # One colour scale for both maps, even when the t-SNE subsample lacks a class.
+        scatters.append(
+            ax.scatter(xy[:, 0], xy[:, 1], c=colour, cmap="tab10", vmin=0, vmax=len(classes) - 1,
+                       s=8, alpha=0.8)
+        )
+        shown = f"{len(xy)} of {len(x)}" if len(xy) < len(x) else f"{len(x)}"
+        ax.set_title(f"{name} of test embeddings ({shown} images)")
         ax.set_xticks([])
         ax.set_yticks([])
-    handles = scatter.legend_elements(num=len(classes))[0]
-    fig.legend(handles, classes, loc="center right", title="class", fontsize=8)
+    handles = scatters[0].legend_elements(num=None)[0]  # PCA: one per class present
+    names = [classes[k] for k in np.unique(y)]
+    fig.legend(handles, names, loc="center right", title="class", fontsize=8)
     fig.tight_layout(rect=(0, 0, 0.92, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
     plt.close(fig)
+    return {name: xy for name, (xy, _) in maps.items()}
