@@ -7,8 +7,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from contrastive.config import ConfigError, load_params
-from contrastive.evaluate import fit_linear_probe, knn_scores, probe_stage, topk_accuracy
+from contrastive.config import ConfigError, load_params, parse_params
+from contrastive.evaluate import (
+    Features,
+    evaluate_features,
+    fit_linear_probe,
+    fit_probe_path,
+    knn_scores,
+    plot_embedding,
+    probe_stage,
+    topk_accuracy,
+)
+from contrastive.models import LinearProbe
 
 
 def test_topk_accuracy() -> None:
@@ -47,8 +57,8 @@ def test_linear_probe_separates_separable_classes_and_regularises() -> None:
     labels = torch.arange(4).repeat_interleave(50)
     features = F.one_hot(labels, 4).float() * 3 + torch.randn(200, 4, generator=g)
     features = torch.cat([features, torch.randn(200, 12, generator=g)], dim=1)
-    loose = fit_linear_probe(features, labels, 4, weight_decay=0.0, max_iter=100, seed=0)
-    tight = fit_linear_probe(features, labels, 4, weight_decay=1.0, max_iter=100, seed=0)
+    loose = fit_linear_probe(features, labels, 4, weight_decay=0.0, max_iter=100)
+    tight = fit_linear_probe(features, labels, 4, weight_decay=1.0, max_iter=100)
     with torch.no_grad():
         assert topk_accuracy(loose(features), labels, 1) > 0.95
     assert tight.linear.weight.norm() < loose.linear.weight.norm()
@@ -65,3 +75,100 @@ def test_failed_probe_keeps_the_earlier_outputs(workspace: Path) -> None:
     with pytest.raises(ConfigError, match="prepared manifest not found"):
         probe_stage(load_params())
     assert {p: Path(p).read_text() for p in outputs} == {p: f"earlier {p}" for p in outputs}
+
+
+def correlated_problem(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features ``(n, 30)`` mixed from 6 latent factors, as correlated as pixels, and 4 classes
+    that depend on the factors, a fifth of them relabelled at random (not separable)."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(6, 30, generator=torch.Generator().manual_seed(99))
+    latent = torch.randn(n, 6, generator=g)
+    features = latent @ mixing + 0.1 * torch.randn(n, 30, generator=g)
+    labels = (latent[:, :4] * 1.5 + torch.randn(n, 4, generator=g)).argmax(1)
+    noisy = torch.rand(n, generator=g) < 0.2
+    labels[noisy] = torch.randint(0, 4, (int(noisy.sum()),), generator=g)
+    return features, labels
+
+
+def objective(probe: LinearProbe, features: torch.Tensor, labels: torch.Tensor, wd: float) -> float:
+    """The probe's training objective, written out: mean cross-entropy + wd * ||W||^2."""
+    with torch.no_grad():
+        loss = F.cross_entropy(probe(features), labels) + wd * probe.linear.weight.square().sum()
+    return loss.item()
+
+
+def plain_lbfgs_probe(
+    features: torch.Tensor, labels: torch.Tensor, wd: float, max_iter: int = 2000
+) -> LinearProbe:
+    """The reference: a cold-started L-BFGS fit on the standardised features themselves (no
+    preconditioning, no warm start), run to convergence."""
+    probe = LinearProbe(features.shape[1], 4)
+    probe.feature_mean.copy_(features.mean(0))
+    probe.feature_std.copy_(features.std(0))
+    x = (features - probe.feature_mean) / probe.feature_std
+    optimizer = torch.optim.LBFGS(
+        probe.linear.parameters(), max_iter=max_iter, tolerance_grad=1e-6,
+        tolerance_change=1e-12, line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(probe.linear(x), labels) + wd * probe.linear.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return probe
+
+
+def test_warm_started_path_matches_cold_fits() -> None:
+    x_train, y_train = correlated_problem(400, seed=1)
+    x_val, y_val = correlated_problem(400, seed=2)
+    decays = [0.0, 1e-3, 1e-2, 1e-1, 1.0]
+    warm = fit_probe_path(x_train, y_train, 4, decays, max_iter=200, tolerance=1e-5)
+    cold = fit_probe_path(x_train, y_train, 4, decays, 200, 1e-5, warm_start=False)
+
+    def val_acc(probe: LinearProbe) -> float:
+        with torch.no_grad():
+            return topk_accuracy(probe(x_val), y_val, 1)
+
+    accs = {}
+    for wd in decays:
+        reference = plain_lbfgs_probe(x_train, y_train, wd)
+        best = objective(reference, x_train, y_train, wd)
+        # Same minimum of the same objective, whichever start or coordinates the fit used.
+        for path in (warm, cold):
+            assert objective(path[wd], x_train, y_train, wd) == pytest.approx(best, abs=1e-4)
+        accs[wd] = [val_acc(p) for p in (warm[wd], cold[wd], reference)]
+        assert max(accs[wd]) - min(accs[wd]) <= 0.01
+    chosen = [max(decays, key=lambda wd, i=i: accs[wd][i]) for i in range(3)]
+    assert chosen[0] == chosen[1] == chosen[2]
+    assert accs[decays[-1]][0] < accs[chosen[0]][0]  # the decays differ: a real choice
+
+
+def test_evaluate_features_is_deterministic_for_a_seed() -> None:
+    splits = [correlated_problem(n, seed) for n, seed in ((300, 1), (100, 2), (100, 3))]
+    feats = Features(*(x for x, _ in splits), *(y for _, y in splits))
+    params = parse_params({"seed": 3, "probe": {"weight_decays": [0.0, 1e-3, 1e-1], "knn_k": 20}})
+    first, first_probe, first_pred = evaluate_features(feats, 4, params)
+    second, second_probe, second_pred = evaluate_features(feats, 4, params)
+    assert first == second
+    assert torch.equal(first_pred, second_pred)
+    assert torch.equal(first_probe.linear.weight, second_probe.linear.weight)
+    assert first["linear_weight_decay"] in (0.0, 1e-3, 1e-1)
+    assert first["linear_top1"] > 0.5  # a fitted probe, not chance (0.25)
+
+
+def test_plot_embedding_caps_the_tsne_sample(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(5).repeat(10)
+    features = F.one_hot(labels, 5).float() * 3 + torch.randn(50, 5, generator=g)
+    classes = [f"c{i}" for i in range(5)]
+    path = tmp_path / "embedding.png"
+    maps = plot_embedding(path, features, labels, classes, seed=0, tsne_points=20)
+    assert maps["PCA"].shape == (50, 2)  # PCA maps every point
+    assert maps["t-SNE"].shape == (20, 2)
+    assert path.read_bytes().startswith(b"\x89PNG")
+    again = plot_embedding(tmp_path / "again.png", features, labels, classes, 0, tsne_points=20)
+    assert (again["t-SNE"] == maps["t-SNE"]).all()  # the same seed draws the same subsample
+    assert set(plot_embedding(path, features, labels, classes, 0, tsne_points=0)) == {"PCA"}

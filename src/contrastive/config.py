@@ -230,6 +230,11 @@ class ProbeConfig(_Section):
         default_factory=lambda: [0.0, 1e-5, 1e-4, 1e-3, 1e-2], min_length=1
     )
     max_iter: Annotated[Int, Field(ge=1)] = 200
+    """The most L-BFGS iterations of one fit of the regularisation path."""
+    tolerance: PositiveFloat = 1e-4
+    """A fit stops once no entry of its (preconditioned) gradient exceeds this."""
+    tsne_points: Annotated[Int, Field(ge=0)] = 1000
+    """The most test embeddings in the t-SNE map, drawn with the seed (0: none; PCA maps all)."""
     knn_k: Annotated[Int, Field(ge=1)] = 200
     knn_temperature: PositiveFloat = 0.1
     batch_size: Annotated[Int, Field(ge=1)] = 512
