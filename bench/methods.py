@@ -4,10 +4,8 @@ Each method pretrains ``small_cnn`` with the README's CIFAR recipe (SimCLR's vie
 SGD, 20 epochs, warm-up 2, weight decay 5e-4; each method's own params from ``params.yaml``),
 then the ``probe`` stage's protocol scores the frozen features on the test split: the linear
 probe (L2 chosen on val) and the weighted kNN (k=200, t=0.1). ``--vit METHOD`` adds ``vit_tiny``
-trained with that method. Writes a Markdown table (``--out``, default ``docs/methods-table.md``)
-and prints one line per row. The command behind each row is the same pipeline through DVC:
-
-    dvc exp run -S data.source=npz ... -S train.method=moco      (see docs/methods.md)
+trained with that method. Prints one line per row, then the table (``--out FILE`` also writes it
+there). The same rows through DVC: ``docs/methods.md``.
 
     python bench/methods.py [--epochs 20] [--methods simclr moco ...] [--vit simclr]
                             [--precision fp32|bf16]
@@ -22,8 +20,9 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+import _threads  # noqa: F401  (the command's thread policy, before torch loads)
 import torch
-from _common import ROOT, data_file, line, machine_line, parser, project_params, run
+from _common import data_file, line, machine_line, parser, project_params, run
 
 from contrastive.config import METHODS, parse_params
 from contrastive.data import SPLITS, load_manifest, load_split, prepare
@@ -65,7 +64,7 @@ def main() -> None:
     p.add_argument("--vit", choices=METHODS, default=None,
                    help="also train vit_tiny (patch 4) with this method")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "methods-table.md")
+    p.add_argument("--out", type=Path, default=None, help="also write the table here (Markdown)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -100,10 +99,10 @@ def main() -> None:
               "| --- | --- | --- | --- | --- | --- |\n")
     body = "".join(f"| {m} | {e} | {k:.3f} | {lin:.3f} | {s:.0f} | {r:.0f} |\n"
                    for m, e, k, lin, s, r in rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(f"<!-- {machine_line('methods')}; python bench/methods.py "
-                        f"--epochs {args.epochs} --precision {args.precision} -->\n"
-                        + header + body)
+    if args.out is not None:
+        args.out.write_text(f"<!-- {machine_line('methods')}; python bench/methods.py "
+                            f"--epochs {args.epochs} --precision {args.precision} -->\n"
+                            + header + body)
     print(header + body, end="")
 
 

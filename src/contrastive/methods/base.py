@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from contrastive.config import Params
+from contrastive.losses import Temperature
+from contrastive.models import ProjectionHead
 
 REGISTRY: dict[str, type[Method]] = {}
 
@@ -31,9 +33,37 @@ class Method(nn.Module):
         if cls.name:
             REGISTRY[cls.name] = cls
 
-    def __init__(self, encoder: nn.Module) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        hidden_dim: int,
+        out_dim: int,
+        temperature: Temperature | None = None,
+        class_weights: torch.Tensor | None = None,
+    ) -> None:
+        """``encoder`` and an MLP projection head (``hidden_dim``, ``out_dim``) on top of it;
+        ``temperature`` for the InfoNCE methods; ``class_weights`` (one per class) to weigh each
+        sample's loss by its class."""
         super().__init__()
         self.encoder = encoder
+        self.head = ProjectionHead(encoder.embedding_dim, hidden_dim, out_dim)
+        self.temperature = temperature
+        # derived from the data, not learned: kept out of the checkpoint
+        self.class_weights: torch.Tensor | None
+        self.register_buffer("class_weights", class_weights, persistent=False)
+
+    def project(
+        self, view_a: torch.Tensor, view_b: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both views through the encoder and the head as one batch of 2N, so BatchNorm sees
+        them together (as SimCLR does); the projections ``(N, out_dim)`` of each view."""
+        z = self.head(self.encoder(torch.cat([view_a, view_b])))
+        z_a, z_b = z.chunk(2)
+        return z_a, z_b
+
+    def sample_weights(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """Each sample's class weight under ``train.class_balance: weights``, else None."""
+        return None if self.class_weights is None else self.class_weights[labels]
 
     @classmethod
     def from_params(
@@ -55,8 +85,10 @@ class Method(nn.Module):
 
     def after_step(self, progress: float) -> None:
         """Called after every optimiser step; ``progress`` is the share of training done, in
-        (0, 1]. The default does nothing."""
+        (0, 1]. Keeps a learned temperature in its bounds."""
+        if self.temperature is not None:
+            self.temperature.clamp_()
 
     def history_values(self) -> dict[str, float]:
-        """Values to record in the per-epoch history besides the loss (a learned temperature)."""
-        return {}
+        """Values to record in the per-epoch history besides the loss: a learned temperature."""
+        return {} if self.temperature is None else self.temperature.history()

@@ -8,7 +8,6 @@ from torch import nn
 from contrastive.config import Params
 from contrastive.losses import MarginPairLoss
 from contrastive.methods.base import Method
-from contrastive.models import ProjectionHead
 
 
 class MarginPair(Method):
@@ -28,13 +27,9 @@ class MarginPair(Method):
         supervised: bool,
         class_weights: torch.Tensor | None = None,
     ) -> None:
-        super().__init__(encoder)
-        self.head = ProjectionHead(encoder.embedding_dim, hidden_dim, out_dim)
+        super().__init__(encoder, hidden_dim, out_dim, class_weights=class_weights)
         self.criterion = criterion
         self.supervised = supervised
-        # derived from the data, not learned: kept out of the checkpoint
-        self.class_weights: torch.Tensor | None
-        self.register_buffer("class_weights", class_weights, persistent=False)
 
     @classmethod
     def from_params(
@@ -53,7 +48,7 @@ class MarginPair(Method):
     def forward(
         self, view_a: torch.Tensor, view_b: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
-        # z: (2N, projection_dim); rows i and i + N are the two views of image i
-        z = self.head(self.encoder(torch.cat([view_a, view_b])))
-        weights = None if self.class_weights is None else self.class_weights[labels]
-        return self.criterion(*z.chunk(2), labels if self.supervised else None, weights)
+        z_a, z_b = self.project(view_a, view_b)
+        return self.criterion(
+            z_a, z_b, labels if self.supervised else None, self.sample_weights(labels)
+        )

@@ -13,7 +13,6 @@ from torch import nn
 from contrastive.config import MoCoConfig, Params
 from contrastive.losses import InfoNCELoss, Temperature
 from contrastive.methods.base import Method
-from contrastive.models import ProjectionHead
 
 
 class MoCo(Method):
@@ -56,13 +55,11 @@ class MoCo(Method):
         temperature: Temperature,
         config: MoCoConfig,
     ) -> None:
-        super().__init__(encoder)
-        self.head = ProjectionHead(encoder.embedding_dim, hidden_dim, out_dim)
+        super().__init__(encoder, hidden_dim, out_dim, temperature)
         self.key_encoder = copy.deepcopy(encoder)
         self.key_head = copy.deepcopy(self.head)
         for param in [*self.key_encoder.parameters(), *self.key_head.parameters()]:
             param.requires_grad_(False)
-        self.temperature = temperature
         self.criterion = InfoNCELoss()
         self.momentum = config.momentum
         self.momentum_schedule = config.momentum_schedule
@@ -137,7 +134,7 @@ class MoCo(Method):
 
     @torch.no_grad()
     def after_step(self, progress: float) -> None:
-        self.temperature.clamp_()
+        super().after_step(progress)
         m = self.momentum_at(progress)
         for query, key in self._query_and_key():
             for q, k in zip(query.parameters(), key.parameters(), strict=True):
@@ -148,6 +145,3 @@ class MoCo(Method):
     def _query_and_key(self) -> Iterator[tuple[nn.Module, nn.Module]]:
         yield self.encoder, self.key_encoder
         yield self.head, self.key_head
-
-    def history_values(self) -> dict[str, float]:
-        return self.temperature.history()

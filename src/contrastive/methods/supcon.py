@@ -8,7 +8,6 @@ from torch import nn
 from contrastive.config import Params
 from contrastive.losses import SupConLoss, Temperature
 from contrastive.methods.base import Method
-from contrastive.models import ProjectionHead
 
 
 class SupCon(Method):
@@ -26,13 +25,8 @@ class SupCon(Method):
         temperature: Temperature,
         class_weights: torch.Tensor | None = None,
     ) -> None:
-        super().__init__(encoder)
-        self.head = ProjectionHead(encoder.embedding_dim, hidden_dim, out_dim)
-        self.temperature = temperature
+        super().__init__(encoder, hidden_dim, out_dim, temperature, class_weights)
         self.criterion = SupConLoss()
-        # derived from the data, not learned: kept out of the checkpoint
-        self.class_weights: torch.Tensor | None
-        self.register_buffer("class_weights", class_weights, persistent=False)
 
     @classmethod
     def from_params(
@@ -50,13 +44,9 @@ class SupCon(Method):
     def forward(
         self, view_a: torch.Tensor, view_b: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
-        # z: (2N, projection_dim); rows i and i + N are the two views of image i
-        z = self.head(self.encoder(torch.cat([view_a, view_b])))
-        weights = None if self.class_weights is None else self.class_weights[labels]
-        return self.criterion(*z.chunk(2), labels, weights, temperature=self.temperature())
-
-    def after_step(self, progress: float) -> None:
-        self.temperature.clamp_()
-
-    def history_values(self) -> dict[str, float]:
-        return self.temperature.history()
+        return self.criterion(
+            *self.project(view_a, view_b),
+            labels,
+            self.sample_weights(labels),
+            temperature=self.temperature(),
+        )
