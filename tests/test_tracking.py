@@ -634,3 +634,18 @@ def test_every_manual_decision_stays_on_record(tmp_path: Path, monkeypatch: pyte
     for entry in audit:
         assert entry["user"] == getpass.getuser()
         assert datetime.fromisoformat(entry["time"]) <= datetime.now(UTC)
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        ("sqlite:///{root}/mlflow.db", "sqlite:///mlflow.db"),
+        ("sqlite:///{root}/store/mlflow.db", "sqlite:///store/mlflow.db"),
+        ("sqlite:////elsewhere/mlflow.db", "sqlite:///.../mlflow.db"),
+        ("http://alice:secret@mlflow.example:5000", "http://mlflow.example:5000"),
+        ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    ],
+)
+def test_reports_show_no_machine_path_and_no_credentials(tmp_path: Path, uri: str,
+                                                         shown: str) -> None:
+    assert store.display_uri(uri.format(root=tmp_path), tmp_path) == shown

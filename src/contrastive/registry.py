@@ -43,6 +43,7 @@ from contrastive.files import write_json
 from contrastive.store import (
     TrackingError,
     connect,
+    display_uri,
     ensure_experiment,
     first_line,
     mlflow_errors,
@@ -358,7 +359,7 @@ def register_stage(params: Params, root: str | Path = ".") -> dict[str, Any]:
         "data_hash": snapshot.manifest.get("data_hash"),
         "new_run": not run.reused,
         "new_version": new_version,
-        "tracking_uri": uri,
+        "tracking_uri": display_uri(uri, root),
     }
     write_json(root / REPORT, report)
     return report

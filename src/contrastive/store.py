@@ -148,3 +148,16 @@ def logged_params(params: Params) -> dict[str, str]:
         k: json.dumps(v) if isinstance(v, list | dict) else str(v)
         for k, v in flatten(params).items()
     }
+
+
+def display_uri(uri: str, root: str | Path = ".") -> str:
+    """``uri`` as a committed report may show it: a SQLite file inside ``root`` relative to it
+    (no path of this machine), and no credentials (``user:password@``) of a server."""
+    db = sqlite_path(uri)
+    if db is not None:
+        try:
+            return f"sqlite:///{db.resolve().relative_to(Path(root).resolve()).as_posix()}"
+        except ValueError:
+            return f"sqlite:///.../{db.name}"
+    scheme, sep, rest = uri.partition("://")
+    return f"{scheme}{sep}{rest.split('@', 1)[-1]}" if sep else uri
