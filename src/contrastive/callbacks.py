@@ -153,7 +153,8 @@ class Checkpointer(Callback):
             saved = torch.load(self.path, map_location=device, weights_only=True)
             run_key = saved["run_key"]
         except Exception as exc:  # truncated, empty, not a zip, or objects that are not data
-            reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc)
+            text = str(exc).strip()
+            reason = text.splitlines()[0][:120] if text else type(exc).__name__
             raise CheckpointError(
                 f"{self.path}: not a readable checkpoint ({reason}); delete it to train from "
                 "the start, or put back a good copy to resume"
