@@ -64,6 +64,8 @@ def test_a_resumed_pretraining_continues_its_run(tracked: Path) -> None:
     assert finished.info.run_id == stopped.info.run_id
     assert finished.info.status == "FINISHED"
     assert [step for step, _ in losses(finished.info.run_id)] == [1, 2, 3]
+    train.pretrain(params, callbacks=[live.LiveRun(params)])  # the checkpoint is complete
+    assert [run.info.run_id for run in runs()] == [finished.info.run_id]
 
 
 def test_an_unreachable_store_never_stops_training(

@@ -59,7 +59,8 @@ class LiveRun(Callback):
             self.active = False
 
     def on_train_start(self, state: TrainState) -> None:
-        self._guard("opening the run", lambda: self._start(state))
+        if state.epoch < state.epochs:  # a finished checkpoint only writes the outputs again
+            self._guard("opening the run", lambda: self._start(state))
 
     def on_epoch_end(self, state: TrainState, record: dict[str, Any]) -> None:
         if self.active:
