@@ -8,7 +8,7 @@ trained with that method. Prints one line per row, then the table (``--out FILE`
 there). The same rows through DVC: ``docs/methods.md``.
 
     python bench/methods.py [--epochs 20] [--methods simclr moco ...] [--vit simclr]
-                            [--precision fp32|bf16]
+                            [--precision fp32|bf16] [--seed 0]
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def main() -> None:
     p.add_argument("--vit", choices=METHODS, default=None,
                    help="also train vit_tiny (patch 4) with this method")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--seed", type=int, default=0, help="drives weights, order and views (0)")
     p.add_argument("--out", type=Path, default=None, help="also write the table here (Markdown)")
     args = p.parse_args()
     if args.threads:
@@ -74,7 +75,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-methods-") as tmp:
         tmp = Path(tmp)
-        base = recipe(train_file, test_file, args.epochs, args.precision)
+        base = recipe(train_file, test_file, args.epochs, args.precision) | {"seed": args.seed}
         prepared = tmp / "prepared"
         prepare(parse_params(base).data, base["seed"], prepared)
         runs = [(m, "small_cnn") for m in args.methods]
