@@ -7,7 +7,6 @@ exported model can carry its own preprocessing.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 from contrastive.config import ModelConfig
+from contrastive.files import atomic_path
 
 
 class SmallCNN(nn.Module):
@@ -151,13 +151,10 @@ class EncoderInfo:
 
 
 def save_encoder(path: str | Path, encoder: nn.Module, info: EncoderInfo) -> None:
-    """Write ``{"info", "state_dict"}`` atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    """Write ``{"info", "state_dict"}`` atomically and synced (``files.atomic_path``)."""
     state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
-    torch.save({"info": asdict(info), "state_dict": state}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"info": asdict(info), "state_dict": state}, tmp)
 
 
 def load_encoder(path: str | Path) -> tuple[nn.Module, EncoderInfo]:
@@ -183,20 +180,11 @@ class LinearProbe(nn.Module):
 
 
 def save_probe(path: str | Path, probe: LinearProbe) -> None:
-    """Write a probe atomically as ``{"embedding_dim", "num_classes", "state_dict"}``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    """Write a probe atomically and synced as ``{"embedding_dim", "num_classes", "state_dict"}``."""
     dim, classes = probe.linear.in_features, probe.linear.out_features
-    torch.save(
-        {
-            "embedding_dim": dim,
-            "num_classes": classes,
-            "state_dict": {k: v.detach().cpu() for k, v in probe.state_dict().items()},
-        },
-        tmp,
-    )
-    os.replace(tmp, path)
+    state = {k: v.detach().cpu() for k, v in probe.state_dict().items()}
+    with atomic_path(path) as tmp:
+        torch.save({"embedding_dim": dim, "num_classes": classes, "state_dict": state}, tmp)
 
 
 def load_probe(path: str | Path) -> LinearProbe:
