@@ -361,6 +361,13 @@ def test_new_timings_are_no_new_state_but_new_weights_are(project: Path) -> None
     weights = project / "models" / "encoder.pt"
     saved = weights.read_bytes()
     net, info = load_encoder(weights)
+    torch.save(torch.load(weights, weights_only=True), project / "elsewhere.pt")
+    (project / "elsewhere.pt").replace(weights)  # other bytes (the archive's name), same tensors
+    try:
+        assert weights.read_bytes() != saved
+        assert tracking.read_snapshot(params).state_key == key
+    finally:
+        weights.write_bytes(saved)
     with torch.no_grad():
         next(net.parameters()).add_(0.01)
     save_encoder(weights, net, info)

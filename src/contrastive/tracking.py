@@ -127,14 +127,15 @@ def state_key(params: Params, manifest: dict[str, Any], metrics: dict[str, dict[
               root: Path) -> str:
     """The pipeline-state key: a hash of what defines the model, and of nothing else.
 
-    In: the encoder weights and the ONNX file (their bytes), the probe results, whether the ONNX
+    In: the encoder's weights (the tensors, not the file's bytes, which also hold the name the
+    file was saved under) and the ONNX file's bytes, the probe results, whether the ONNX
     parity check passed, the params that make the model (every section but ``registry`` and
     ``schedule``, which decide where and when it is registered), and the data hash. Out: timings
     (export latencies, images/s in metrics/pretrain.json and plots/pretrain.csv), which differ
     on every run, so that exporting or measuring again registers no second, identical version.
     """
     identity = {
-        "encoder": hashlib.sha256((root / INPUTS["encoder"]).read_bytes()).hexdigest(),
+        "encoder": weights_digest(root / INPUTS["encoder"]),
         "onnx": hashlib.sha256((root / INPUTS["onnx"]).read_bytes()).hexdigest(),
         "probe": metrics["probe"],
         "parity_ok": parity_ok(metrics["export"], params.export.atol),
@@ -143,6 +144,18 @@ def state_key(params: Params, manifest: dict[str, Any], metrics: dict[str, dict[
         "data_hash": manifest.get("data_hash"),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def weights_digest(encoder_path: Path) -> str:
+    """A hash of a saved encoder's tensors: names, dtypes, shapes and values."""
+    import torch
+
+    state = torch.load(encoder_path, map_location="cpu", weights_only=True)["state_dict"]
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state.items()):
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def parity_ok(export: dict[str, Any], atol: float) -> bool:
