@@ -102,7 +102,7 @@ class ProgressBar(Callback):
             self.bar.close()
 
 
-def all_finite(module: torch.nn.Module) -> str | None:
+def first_non_finite(module: torch.nn.Module) -> str | None:
     """The name of the first parameter or buffer with a NaN or infinite value, else None."""
     for name, value in module.state_dict().items():
         if value.is_floating_point() and not torch.isfinite(value).all():
@@ -123,7 +123,7 @@ class Checkpointer(Callback):
         self.path = Path(folder) / self.FILE
 
     def on_epoch_end(self, state: TrainState, record: dict[str, Any]) -> None:
-        bad = all_finite(state.method)
+        bad = first_non_finite(state.method)
         if bad is not None:
             raise TrainingDivergedError(
                 f"pretrain: '{bad}' became NaN or infinite in epoch {state.epoch}; "
