@@ -11,7 +11,7 @@ UV := $(shell command -v uv 2>/dev/null || echo $(BOOTSTRAP)/bin/uv)
 VENV := .venv/.installed
 UI_PORT ?= 5000
 
-.PHONY: run test lint repro metrics plots clean retrain serve ui bench
+.PHONY: run test lint repro metrics plots clean retrain serve ui bench bench-quality
 
 run: $(VENV)  ## run the whole pipeline on params.yaml and show the metrics
 	$(UV) run --frozen --no-sync dvc repro
@@ -32,6 +32,10 @@ bench: $(VENV)  ## the four CPU benchmarks, each against a reference in the same
 	$(UV) run --frozen --no-sync python bench/train_step.py
 	$(UV) run --frozen --no-sync python bench/inference.py
 	$(UV) run --frozen --no-sync python bench/pipeline.py
+
+bench-quality: $(VENV)  ## the README's CIFAR recipe against lightly's (installs the bench group)
+	$(UV) sync --frozen --group bench
+	$(UV) run --frozen --no-sync python bench/quality.py
 
 ui: $(VENV)  ## MLflow UI on the project's store (mlflow.db, mlartifacts/): http://127.0.0.1:$(UI_PORT)
 	$(UV) run --frozen --no-sync mlflow ui --backend-store-uri sqlite:///mlflow.db \
