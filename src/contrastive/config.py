@@ -181,7 +181,9 @@ class TrainConfig(_Section):
     class_balance: Literal["none", "sampler", "weights"] = "none"
     """Methods that use labels: a class-balanced batch order, or inverse-frequency loss weights."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """bf16 autocast; ``auto``: on CUDA and on CPUs with native bf16 (runtime.resolve_precision)."""
     channels_last: Literal["auto", "on", "off"] = "auto"
+    """NHWC memory format; ``auto``: on CUDA and on CPUs with native bf16, as ``precision``."""
     compile: StrictBool = False
     knn_every: Annotated[Int, Field(ge=0)] = 5
     """Run the kNN monitor on the validation split every N epochs (0: never)."""

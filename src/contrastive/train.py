@@ -110,10 +110,17 @@ def fit(
             callback.on_train_end(state)
 
 
-def run_key(params: Params, data_hash: str) -> str:
-    """What a checkpoint must match to be resumed: every param that changes the training."""
+def run_key(params: Params, data_hash: str, device: torch.device) -> str:
+    """What a checkpoint must match to be resumed: every param that changes the training.
+
+    ``precision: auto`` means bf16 on one machine and fp32 on another, so the resolved
+    precision and memory format count too: an fp32 checkpoint is never resumed in bf16.
+    """
+    bf16, channels_last = resolve_precision(params.train, device)
+    resolved = {"bf16": bf16, "channels_last": channels_last}
     return params_hash(
-        params.model, params.augment, params.train, {"seed": params.seed, "data": data_hash}
+        params.model, params.augment, params.train,
+        {"seed": params.seed, "data": data_hash, "resolved": resolved},
     )
 
 
@@ -201,7 +208,7 @@ def build_run(
         memory_format,
         balanced=cfg.class_balance == "sampler",
     )
-    key = run_key(params, manifest["data_hash"])
+    key = run_key(params, manifest["data_hash"], device)
     state = TrainState(method, optimizer, cfg.epochs, batches.steps_per_epoch, cfg.batch_size, key)
     return state, batches
 
