@@ -14,10 +14,12 @@ val) and the weighted kNN (k=200, t=0.1), which is cross-checked against lightly
   ``SimCLRProjectionHead(d, d, 128)``, ``NTXentLoss()`` (temperature 0.5), SGD lr 0.06 per 128
   with momentum 0.9 and weight decay 5e-4, cosine annealing over the epochs, fp32.
 
-Prints one line per recipe and the ratios. Needs the ``bench`` dependency group
+Prints one line per recipe and the ratios. ``--ablate`` then trains the product's recipe once
+more for each of lightly's choices swapped in (its temperature, its views, its optimiser
+schedule), to say which choices make the difference. Needs the ``bench`` dependency group
 (``uv sync --group bench``), which holds lightly.
 
-    python bench/quality.py [--epochs 20] [--seed 0] [--workers 2] [--out FILE]
+    python bench/quality.py [--epochs 20] [--seed 0] [--workers 2] [--ablate] [--out FILE]
 """
 
 from __future__ import annotations
@@ -41,10 +43,21 @@ from contrastive.config import Params, parse_params
 from contrastive.data import SPLITS, load_manifest, load_split, prepare
 from contrastive.evaluate import Features, evaluate_features, extract_features
 from contrastive.models import build_encoder, load_encoder
+from contrastive.runtime import resolve_precision
 from contrastive.train import pretrain
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 """lightly's default normalisation, used by its views and so by its evaluation."""
+
+
+LIGHTLY_CHOICES = {
+    "temperature 0.5": {"train": {"temperature": 0.5}},
+    "views (crop 0.08, jitter 0.8/0.2)": {"augment": {
+        "crop_scale": [0.08, 1.0], "brightness": 0.8, "contrast": 0.8, "saturation": 0.8,
+        "hue": 0.2}},
+    "lr 0.12, no warm-up": {"train": {"lr": 0.12, "warmup_epochs": 0}},
+}
+"""lightly's recipe where it differs from the product's, one choice at a time (``--ablate``)."""
 
 
 def product_params(train: Path, test: Path, epochs: int, seed: int) -> dict:
@@ -142,11 +155,22 @@ def score(
     return metrics
 
 
+def train_product(raw: dict, overrides: dict, prepared: Path, out: Path) -> tuple[Path, float]:
+    """``pretrain`` on ``raw`` params with ``overrides`` (by section) on top: encoder, seconds."""
+    run_raw = {k: v | overrides.get(k, {}) if isinstance(v, dict) else v for k, v in raw.items()}
+    started = time.perf_counter()
+    pretrain(parse_params(run_raw), prepared, out / "encoder.pt", out / "checkpoints",
+             out / "pretrain.json", out / "pretrain.csv", out / "knn.csv")
+    return out / "encoder.pt", time.perf_counter() - started
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--seed", type=int, default=0, help="drives weights, order and views (0)")
     p.add_argument("--workers", type=int, default=2, help="lightly's DataLoader workers (2)")
+    p.add_argument("--ablate", action="store_true",
+                   help="also the product's recipe with each of lightly's choices swapped in")
     p.add_argument("--out", type=Path, default=None, help="also write the table here (Markdown)")
     args = p.parse_args()
     if args.threads:
@@ -156,7 +180,9 @@ def main() -> None:
     print(machine_line("quality vs lightly"))
     raw = product_params(train_file, test_file, args.epochs, args.seed)
     params = parse_params(raw)
+    precision = "bf16" if resolve_precision(params.train, torch.device("cpu"))[0] else "fp32"
     rows: dict[str, tuple[float, float, float]] = {}
+
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         tmp = Path(tmp)
         prepared = tmp / "prepared"
@@ -169,20 +195,19 @@ def main() -> None:
         seconds = time.perf_counter() - started
         m = score(backbone, prepared, params, IMAGENET["mean"], IMAGENET["std"])
         rows["lightly"] = (m["knn_top1"], m["linear_top1"], seconds)
-        line("lightly SimCLR recipe", f"kNN {m['knn_top1']:.3f}",
+        line("lightly", f"kNN {m['knn_top1']:.3f}",
              f"linear {m['linear_top1']:.3f}", f"pretrain {seconds:.0f} s")
 
-        out = tmp / "product"
-        started = time.perf_counter()
-        result = pretrain(params, prepared, out / "encoder.pt", out / "checkpoints",
-                          out / "pretrain.json", out / "pretrain.csv", out / "knn.csv")
-        seconds = time.perf_counter() - started
-        m = score(load_encoder(out / "encoder.pt")[0], prepared, params, manifest["mean"],
-                  manifest["std"])
-        rows["product"] = (m["knn_top1"], m["linear_top1"], seconds)
-        line("product README recipe", f"kNN {m['knn_top1']:.3f}",
-             f"linear {m['linear_top1']:.3f}", f"pretrain {seconds:.0f} s",
-             f"precision {result['precision']}")
+        runs = {"product": {}}
+        if args.ablate:
+            runs |= {f"product, lightly's {name}": o for name, o in LIGHTLY_CHOICES.items()}
+        for i, (name, overrides) in enumerate(runs.items()):
+            encoder, seconds = train_product(raw, overrides, prepared, tmp / f"product-{i}")
+            m = score(load_encoder(encoder)[0], prepared, params, manifest["mean"],
+                      manifest["std"])
+            rows[name] = (m["knn_top1"], m["linear_top1"], seconds)
+            line(name, f"kNN {m['knn_top1']:.3f}", f"linear {m['linear_top1']:.3f}",
+                 f"pretrain {seconds:.0f} s", f"precision {precision}")
 
     (k_l, lin_l, s_l), (k_p, lin_p, s_p) = rows["lightly"], rows["product"]
     line("product vs lightly", f"kNN {k_p - k_l:+.3f}", f"linear {lin_p - lin_l:+.3f}",
