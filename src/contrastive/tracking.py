@@ -42,11 +42,13 @@ INPUTS = {
     "knn": paths.KNN_HISTORY,
     "confusion": paths.CONFUSION,
     "embedding": paths.EMBEDDING_PLOT,
+    "anomaly": paths.ANOMALY_PLOT,
 }
 # The inputs logged as run artifacts (the models go in as MLflow models), and the recipe files
 # logged under recipe/ when present.
 ARTIFACTS = (
     "manifest", "pretrain", "probe", "export", "history", "knn", "confusion", "embedding",
+    "anomaly",
 )
 RECIPE_FILES = ("params.yaml", "dvc.yaml", "dvc.lock")
 
@@ -329,6 +331,42 @@ def _pins(*packages: str) -> list[str]:
     return [f"{p}=={installed_version(p)}" for p in ("mlflow", *packages)]
 
 
+FEATURE_SETS = (("pretrained", "pretrained"), ("random init", "random_init"),
+                ("raw pixels", "raw_pixels"))
+
+
+def uses_section(probe: dict[str, Any]) -> str:
+    """The model card's retrieval and anomaly tables, from metrics/probe.json (empty when the
+    probe measured neither)."""
+    present = [(name, probe[key]) for name, key in FEATURE_SETS
+               if "map_at_r" in probe.get(key, {})]
+    if not present:
+        return ""
+    retrieval_rows = "\n".join(
+        f"| {name} | {m['recall_at_1']:.4f} | {m['recall_at_5']:.4f} | {m['recall_at_10']:.4f} "
+        f"| {m['map_at_r']:.4f} | {m['anomaly_auroc']:.4f} |" for name, m in present
+    )
+    classes = list(present[0][1].get("anomaly_auroc_per_class", {}))
+    class_rows = "\n".join(
+        f"| {c} | " + " | ".join(f"{m['anomaly_auroc_per_class'].get(c, float('nan')):.4f}"
+                                 for _, m in present) + " |"
+        for c in classes
+    )
+    return f"""
+## Retrieval and anomaly detection (test queries the train split, cosine)
+| features | Recall@1 | Recall@5 | Recall@10 | mAP@R | anomaly AUROC |
+|---|---|---|---|---|---|
+{retrieval_rows}
+
+Anomaly AUROC: deep kNN (mean cosine distance to the {probe.get('anomaly_k')} nearest train
+embeddings), each class in turn left out of train and taken as the anomaly among the test images.
+
+| held-out class | {' | '.join(name for name, _ in present)} |
+|---|{'---|' * len(present)}
+{class_rows}
+"""
+
+
 def model_card(snapshot: Snapshot, run_id: str) -> str:
     """A Markdown card: what the model is, what it was trained on, how good it is, how to use it."""
     p, m, metrics = snapshot.params, snapshot.manifest, snapshot.metrics
@@ -363,6 +401,9 @@ image files to {size}x{size} first.
 | features | linear top-1 | kNN top-1 |
 |---|---|---|
 {rows}
+
+kNN k = {probe.get('knn_k')}.
+{uses_section(probe)}
 
 ## Export
 - ONNX max abs difference to torch {export.get('max_abs_diff')}, probe agreement
