@@ -210,3 +210,29 @@ def test_anomaly_threshold_is_calibrated_on_val(project: Path,
     capsys.readouterr()
     assert main(["anomaly", "--model", "models/encoder.onnx", "gallery", "-k", "99"]) == 2
     assert "-k 99: the train split holds only 60 images" in one_error_line(capsys)
+
+
+def test_the_served_model_returns_neighbours_and_anomaly_scores_when_asked(
+    project: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Through mlflow.pyfunc: train images find themselves first, and the anomaly scores and
+    threshold are the `contrastive anomaly` command's (k 2, fpr 0.05)."""
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(CHAMPION)
+    train, labels = load_split("data/prepared", "train")
+    plain = model.predict(train[:4])
+    assert set(plain) == {"embeddings"}
+    asked = model.predict(train[:4], params={"neighbours": 3, "anomaly": True})
+    np.testing.assert_allclose(asked["embeddings"], plain["embeddings"])
+    assert asked["neighbour_index"][:, 0].tolist() == [0, 1, 2, 3]
+    np.testing.assert_array_equal(asked["neighbour_label"], labels[asked["neighbour_index"]])
+    np.testing.assert_allclose(asked["neighbour_cosine"][:, 0], 1.0, atol=1e-5)
+    Path("served").mkdir(exist_ok=True)
+    for i in range(4):
+        Image.fromarray(train[i]).save(f"served/{i}.png")
+    assert main(["anomaly", "--model", CHAMPION, "served", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    np.testing.assert_allclose(asked["anomaly_score"], [r["score"] for r in result["images"]],
+                               atol=1e-5)
+    assert asked["anomalous"].tolist() == [r["anomalous"] for r in result["images"]]
