@@ -159,3 +159,19 @@ def test_probe_stage_reports_retrieval_anomalies_and_the_k_used(workspace: Path)
 
     assert numbers_only(written)
     assert probe_stage(auto) == metrics  # the same seed and data give the same figures
+
+
+def test_per_class_metric_names_are_valid_mlflow_names() -> None:
+    """An image folder's class names become metric-name parts: MLflow's refused characters
+    are replaced, the numbers kept."""
+    from mlflow.utils.validation import _validate_metric_name
+
+    from contrastive.tracking import Snapshot, final_metrics
+
+    probe = {"pretrained": {"anomaly_auroc_per_class": {"cat (wild)+1": 0.75, "dog": 0.5}}}
+    snapshot = Snapshot(parse_params({}), {}, {"probe": probe}, [], "key", {})
+    flat = final_metrics(snapshot)
+    assert flat == {"probe.pretrained.anomaly_auroc_per_class.cat _wild__1": 0.75,
+                    "probe.pretrained.anomaly_auroc_per_class.dog": 0.5}
+    for name in flat:
+        _validate_metric_name(name)

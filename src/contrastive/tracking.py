@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -285,12 +286,16 @@ def log_pipeline_run(experiment_id: str, snapshot: Snapshot, root: str | Path = 
 
 
 def final_metrics(snapshot: Snapshot) -> dict[str, float]:
-    """Every number of the stages' metrics files, flattened: ``probe.pretrained.linear_top1``."""
+    """Every number of the stages' metrics files, flattened: ``probe.pretrained.linear_top1``.
+
+    Characters MLflow refuses in a metric name (class names are keys of the per-class anomaly
+    table, and an image folder's class may be called anything) become ``_``.
+    """
     flat = {}
     for stage, metrics in snapshot.metrics.items():
         for key, value in flatten(metrics, f"{stage}.").items():
             if isinstance(value, int | float) and not isinstance(value, bool):
-                flat[key] = float(value)
+                flat[re.sub(r"[^\w./\- ]", "_", key)] = float(value)
     return flat
 
 
@@ -451,5 +456,7 @@ kNN k = {probe.get('knn_k')}.
 ```
 contrastive embed --model models:/{p.registry.model_name}@champion IMAGES --out emb.parquet
 contrastive search --model models:/{p.registry.model_name}@champion --gallery DIR QUERY -k 5
+contrastive index build --model models:/{p.registry.model_name}@champion --gallery DIR
+contrastive anomaly --model models:/{p.registry.model_name}@champion IMAGES --fpr 0.05
 ```
 """
