@@ -247,6 +247,7 @@ def make_project(root: Path) -> None:
     (plots / "knn.csv").write_text("epoch,knn_top1\n2,0.35\n3,0.4\n")
     (plots / "confusion.csv").write_text("actual,predicted\na,a\nb,c\n")
     Image.new("RGB", (4, 4)).save(plots / "embedding.png")
+    Image.new("RGB", (4, 4)).save(plots / "anomaly.png")
     write_params(root)
 
 

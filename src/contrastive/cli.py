@@ -2,7 +2,8 @@
 
 Each stage reads ``params.yaml``, calls one library function with the project's standard paths, and
 writes its outputs. DVC runs these commands; Prefect runs DVC; tests call the same functions.
-``registry``, ``embed`` and ``search`` serve people who use the registered models.
+``registry``, ``embed``, ``index``, ``search`` and ``anomaly`` serve people who use the registered
+models.
 Bad params or data end with one line on stderr and exit status 2; a failed check ends with exit 1.
 """
 
@@ -81,12 +82,35 @@ def _embed(args: argparse.Namespace) -> dict[str, Any]:
     return embed(args.model, args.inputs, args.out, args.batch_size)
 
 
-def _search(args: argparse.Namespace) -> str:
-    from contrastive.inference import search
+def _search(args: argparse.Namespace) -> Any:
+    from contrastive.gallery import format_hits, search
 
-    hits = search(args.model, args.gallery, args.query, args.k, args.batch_size)
-    lines = [f"{rank:>4}  {score:6.4f}  {path}" for rank, (score, path) in enumerate(hits, 1)]
-    return "\n".join(["rank  cosine  image", *lines])
+    results = search(args.model, args.queries, args.k, args.gallery, args.index, args.batch_size)
+    return results if args.json else format_hits(results)
+
+
+def _index(args: argparse.Namespace) -> dict[str, Any]:
+    from contrastive.gallery import build_index
+
+    return build_index(args.model, args.gallery, args.out, args.kind, args.batch_size)
+
+
+def _anomaly(args: argparse.Namespace) -> Any:
+    from contrastive.anomaly import anomaly, format_scores
+
+    result = anomaly(args.model, args.inputs, args.data, args.fpr, args.k, args.batch_size)
+    return result if args.json else format_scores(result)
+
+
+def _rate(text: str) -> float:
+    """argparse type for --fpr: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got '{text}'")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -135,14 +159,47 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--batch-size", type=_positive_int, default=256)
     embed.set_defaults(run=_embed)
 
-    search = sub.add_parser("search", help="nearest gallery images to a query image",
-                            description="the gallery images most similar to QUERY (cosine)")
+    index = sub.add_parser("index", help="gallery indexes published with a model")
+    index_actions = index.add_subparsers(dest="action", required=True)
+    build = index_actions.add_parser(
+        "build", help="index a gallery with the model; log it on the model version",
+        description="embed a gallery with the model, build a nearest-neighbour index (exact up "
+        "to 20,000 images, FAISS HNSW above) and log it on the model version (models:/ URI) "
+        "and/or write it to --out")
+    build.add_argument("--model", default=champion, help=f"{model_help} ({champion})")
+    build.add_argument("--gallery", required=True, metavar="FOLDER|NPZ",
+                       help="image folder, or .npz with x uint8 (N, H, W[, C])")
+    build.add_argument("--out", metavar="FOLDER", help="also write the index here")
+    build.add_argument("--kind", default="auto", choices=("auto", "exact", "faiss-hnsw"))
+    build.add_argument("--batch-size", type=_positive_int, default=256)
+    build.set_defaults(run=_index)
+
+    search = sub.add_parser("search", help="nearest gallery images to query images",
+                            description="the gallery images most similar to each QUERY (cosine): "
+                            "from --gallery, else --index, else the model version's index")
     search.add_argument("--model", default=champion, help=f"{model_help} ({champion})")
-    search.add_argument("--gallery", required=True, metavar="FOLDER")
-    search.add_argument("query", metavar="QUERY_IMAGE")
+    search.add_argument("--gallery", metavar="FOLDER|NPZ", help="embed this gallery now")
+    search.add_argument("--index", metavar="FOLDER", help="an index folder (index build --out)")
+    search.add_argument("queries", nargs="+", metavar="QUERY_IMAGE")
     search.add_argument("-k", type=_positive_int, default=5, help="how many results (5)")
+    search.add_argument("--json", action="store_true", help="JSON instead of a table")
     search.add_argument("--batch-size", type=_positive_int, default=256)
     search.set_defaults(run=_search)
+
+    anomaly = sub.add_parser(
+        "anomaly", help="deep-kNN anomaly score of images, against the train split",
+        description="mean cosine distance of each image to its k nearest train images; "
+        "anomalous above the threshold that a share --fpr of the val split exceeds")
+    anomaly.add_argument("--model", default=champion, help=f"{model_help} ({champion})")
+    anomaly.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDER")
+    anomaly.add_argument("--data", default=paths.PREPARED, help="prepared splits (train: normal, "
+                         f"val: calibration) ({paths.PREPARED})")
+    anomaly.add_argument("--fpr", type=_rate, default=0.05,
+                         help="false-positive rate on val that sets the threshold (0.05)")
+    anomaly.add_argument("-k", type=_positive_int, default=2, help="nearest train images (2)")
+    anomaly.add_argument("--json", action="store_true", help="JSON instead of a table")
+    anomaly.add_argument("--batch-size", type=_positive_int, default=256)
+    anomaly.set_defaults(run=_anomaly)
     return parser
 
 

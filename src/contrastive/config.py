@@ -43,6 +43,18 @@ PositiveFloat = Annotated[Float, Field(gt=0)]
 NonNegativeFloat = Annotated[Float, Field(ge=0)]
 Probability = Annotated[Float, Field(ge=0, le=1)]
 
+
+def _count_or_auto(value: Any) -> Any:
+    """A neighbour count: a whole number >= 1 (no bool, float or numeric string), or ``auto``."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise PydanticCustomError(
+        "count_or_auto", "must be a whole number >= 1 or 'auto' (min(200, smallest train class))"
+    )
+
+
+CountOrAuto = Annotated[int | Literal["auto"], BeforeValidator(_count_or_auto)]
+
 ENCODERS = ("small_cnn", "resnet18_cifar", "resnet18", "resnet34", "resnet50", "vit_tiny")
 SOURCES = ("digits", "cifar10", "stl10", "npz", "imagefolder")
 
@@ -237,8 +249,15 @@ class ProbeConfig(_Section):
     """A fit stops once no entry of its (preconditioned) gradient exceeds this."""
     tsne_points: Annotated[Int, Field(ge=0)] = 1000
     """The most test embeddings in the t-SNE map, drawn with the seed (0: none; PCA maps all)."""
-    knn_k: Annotated[Int, Field(ge=1)] = 200
+    knn_k: CountOrAuto = "auto"
+    """Neighbours that vote in the kNN classifier (probe and pretrain's monitor). ``auto``:
+    min(200, the smallest train class), so votes stay within one class's worth of images: 200 is
+    the CIFAR protocol (5,000 train images per class), but on digits (about 126 per class) it
+    reaches into other classes. The k used is reported in metrics/probe.json."""
     knn_temperature: PositiveFloat = 0.1
+    anomaly_k: Annotated[Int, Field(ge=1)] = 2
+    """Deep-kNN anomaly score: mean cosine distance to this many nearest train embeddings
+    (Bergman et al. 2020 use 2)."""
     batch_size: Annotated[Int, Field(ge=1)] = 512
 
 

@@ -341,6 +341,12 @@ _LOADERS: dict[str, Callable[[DataConfig, Path], _Loaded]] = {
 # --- cleaning and splitting ---------------------------------------------------------------------
 
 
+def standardize_images(x: np.ndarray, size: int) -> np.ndarray:
+    """Images as the prepare stage stores them: grey becomes RGB, resized to ``size`` (public name
+    of :func:`_standardize`, for galleries and anomaly scoring)."""
+    return _standardize(x, size)
+
+
 def _standardize(x: np.ndarray, size: int) -> np.ndarray:
     """uint8 (N, H, W), (N, H, W, 1) or (N, H, W, 3) -> uint8 (N, size, size, 3)."""
     if x.ndim == 3:

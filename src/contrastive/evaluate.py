@@ -2,9 +2,11 @@
 
 The probe and kNN follow the usual self-supervised protocol (lightly, solo-learn): the encoder is
 frozen, a multinomial logistic regression is fitted on train features with its L2 strength chosen on
-val, and a weighted kNN (k=200, temperature 0.1, InstDisc / Wu et al. 2018) votes with the train
-features. Both are reported on the test split, next to the same measures on a randomly initialised
-encoder of the same architecture and on raw pixels, so the gain from pretraining is visible.
+val, and a weighted kNN (temperature 0.1, InstDisc / Wu et al. 2018) votes with the train features;
+its k is ``probe.knn_k`` (``auto``: :func:`resolve_knn_k`). Retrieval and anomaly detection
+(:mod:`contrastive.retrieval`) measure what the embeddings are used for. All are reported on the
+test split, next to the same measures on a randomly initialised encoder of the same architecture
+and on raw pixels, so the gain from pretraining is visible.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from contrastive import paths
+from contrastive import paths, retrieval
 from contrastive.config import ModelConfig, Params
 from contrastive.data import load_manifest, load_split
 from contrastive.files import atomic_path, write_json
@@ -46,6 +48,22 @@ def extract_features(
         batch = torch.from_numpy(images[start : start + batch_size]).to(device)
         chunks.append(encoder(preprocess(batch)).float().cpu())
     return torch.cat(chunks)
+
+
+KNN_K_CAP = 200
+"""``probe.knn_k: auto`` uses at most this many neighbours: the CIFAR protocol's k."""
+
+
+def resolve_knn_k(setting: int | str, train_labels: np.ndarray | torch.Tensor) -> int:
+    """The kNN's k: ``setting`` when a number; for ``auto``, min(200, the smallest train class).
+
+    Why: a weighted kNN with more neighbours than a class has images must take votes from other
+    classes; 200 suits CIFAR (5,000 per class) but not digits (about 126 per class).
+    """
+    if setting != "auto":
+        return int(setting)
+    counts = np.bincount(np.asarray(train_labels))
+    return min(KNN_K_CAP, int(counts[counts > 0].min()))
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
@@ -211,9 +229,8 @@ def evaluate_features(
     val_acc, probe = val_accs[wd], probes[wd]
     with torch.no_grad():
         linear = probe(feats.test)
-    knn = knn_scores(
-        feats.train, feats.y_train, feats.test, num_classes, cfg.knn_k, cfg.knn_temperature
-    )
+    k = resolve_knn_k(cfg.knn_k, feats.y_train)
+    knn = knn_scores(feats.train, feats.y_train, feats.test, num_classes, k, cfg.knn_temperature)
     metrics = {
         "linear_top1": topk_accuracy(linear, feats.y_test, 1),
         "linear_top5": topk_accuracy(linear, feats.y_test, 5),
@@ -266,6 +283,7 @@ def probe_stage(
     metrics_path: str | Path = paths.PROBE_METRICS,
     confusion_path: str | Path = paths.CONFUSION,
     embedding_plot: str | Path = paths.EMBEDDING_PLOT,
+    anomaly_plot: str | Path = paths.ANOMALY_PLOT,
 ) -> dict:
     """Evaluate the pretrained encoder against a random-init encoder and raw pixels.
 
@@ -292,17 +310,27 @@ def probe_stage(
     random_results, _, _ = evaluate_features(
         random_feats, num_classes, params, "probe random-init"
     )
-    pixel_results, _, _ = evaluate_features(
-        _pixel_features(splits), num_classes, params, "probe raw pixels"
-    )
+    pixel_feats = _pixel_features(splits)
+    pixel_results, _, _ = evaluate_features(pixel_feats, num_classes, params, "probe raw pixels")
+
+    histograms = {}
+    for name, feats, found in (("pretrained", pretrained, results),
+                               ("random init", random_feats, random_results),
+                               ("raw pixels", pixel_feats, pixel_results)):
+        uses, rounds = embedding_uses(feats, classes, params.probe.anomaly_k)
+        found.update(uses)
+        histograms[name] = (rounds, uses["anomaly_auroc"])
 
     metrics = {
         "pretrained": results,
         "random_init": random_results,
         "raw_pixels": pixel_results,
         "gain_over_random": {
-            k: round(results[k] - random_results[k], 6) for k in ("linear_top1", "knn_top1")
+            k: round(results[k] - random_results[k], 6)
+            for k in ("linear_top1", "knn_top1", "map_at_r", "anomaly_auroc")
         },
+        "knn_k": resolve_knn_k(params.probe.knn_k, pretrained.y_train),
+        "anomaly_k": params.probe.anomaly_k,
         "n_test": len(pretrained.y_test),
         "embedding_dim": info.embedding_dim,
     }
@@ -312,8 +340,25 @@ def probe_stage(
         embedding_plot, pretrained.test, pretrained.y_test, classes, params.seed,
         params.probe.tsne_points,
     )
+    retrieval.plot_anomaly_histograms(anomaly_plot, histograms)
     write_json(metrics_path, metrics)
     return metrics
+
+
+def embedding_uses(
+    feats: Features, classes: list[str], anomaly_k: int
+) -> tuple[dict, dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """Retrieval (test queries the train split) and leave-one-class-out deep-kNN anomaly metrics,
+    rounded like the probe's; and the anomaly scores of each round, for the histogram plot."""
+    found = retrieval.retrieval_metrics(feats.train, feats.y_train, feats.test, feats.y_test)
+    anomaly, rounds = retrieval.anomaly_metrics(
+        feats.train, feats.y_train, feats.test, feats.y_test, classes, anomaly_k
+    )
+    per_class = {name: round(v, 6) for name, v in anomaly["anomaly_auroc_per_class"].items()}
+    uses = {key: round(value, 6) for key, value in found.items()}
+    uses["anomaly_auroc"] = round(float(anomaly["anomaly_auroc"]), 6)
+    uses["anomaly_auroc_per_class"] = per_class
+    return uses, rounds
 
 
 def _write_confusion(

@@ -1,4 +1,6 @@
-"""Using a registered encoder: embed image files, search a gallery, with onnxruntime only.
+"""Using a registered encoder: open it, embed image files, with onnxruntime only.
+
+Searching a gallery is :mod:`contrastive.gallery`; anomaly scores, :mod:`contrastive.anomaly`.
 
 A model is named by an MLflow model URI (``models:/contrastive-encoder@champion``,
 ``models:/contrastive-encoder/3``, ``runs:/<id>/encoder-onnx``) or by a local ``.onnx`` file or
@@ -35,6 +37,8 @@ class Encoder:
     session: Any  # onnxruntime.InferenceSession
     input_size: int
     source: str
+    params_hash: str | None = None
+    """The training params' hash from the ONNX metadata: names the encoder (gallery indexes)."""
 
     def embed(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Embeddings ``float32 (N, D)`` of ``uint8 (N, S, S, 3)`` images, in batches."""
@@ -94,10 +98,12 @@ def _open(onnx_path: Path, source: str) -> Encoder:
     except Exception as exc:  # onnxruntime raises its own, unexported error types
         reason = first_line(exc)
         raise ConfigError(f"--model {source}: not a usable ONNX model ({reason})") from None
-    size = onnx_metadata(onnx_path).get("input_size") or session.get_inputs()[0].shape[1]
+    metadata = onnx_metadata(onnx_path)
+    size = metadata.get("input_size") or session.get_inputs()[0].shape[1]
     if not isinstance(size, int):
         raise ConfigError(f"--model {source}: the model does not say its input size")
-    return Encoder(session, size, source)
+    params_hash = metadata.get("params_hash")
+    return Encoder(session, size, source, str(params_hash) if params_hash else None)
 
 
 # --- image files --------------------------------------------------------------------------------
@@ -183,28 +189,3 @@ def embed(model: str, inputs: Sequence[str], out: str, batch_size: int = 256) ->
     write_embeddings(out, embedded)
     return {"model": model, "out": out, "embedded": len(embedded.files),
             "dim": int(embedded.embeddings.shape[1]), "skipped": embedded.skipped}
-
-
-def search(model: str, gallery: str, query: str, k: int = 5,
-           batch_size: int = 256) -> list[tuple[float, Path]]:
-    """``contrastive search``: the ``k`` gallery images most similar to ``query`` (cosine)."""
-    if k < 1:
-        raise ConfigError(f"-k {k}: must be at least 1")
-    if not Path(query).is_file():
-        raise ConfigError(f"{query}: query image not found")
-    files = list_images([gallery])
-    encoder = load_model(model)
-    try:
-        query_image = read_image(Path(query), encoder.input_size)
-    except Exception as exc:  # any decoder failure
-        raise ConfigError(f"{query}: not a readable image ({first_line(exc)})") from None
-    embedded = embed_files(encoder, files, batch_size)
-    gallery_vectors = _unit(embedded.embeddings)
-    query_vector = _unit(encoder.embed(query_image[None]))[0]
-    similarity = gallery_vectors @ query_vector
-    order = np.argsort(-similarity, kind="stable")[:k]
-    return [(float(similarity[i]), embedded.files[i]) for i in order]
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

@@ -19,6 +19,7 @@ PROBE = "models/probe.pt"
 PROBE_METRICS = "metrics/probe.json"
 CONFUSION = "plots/confusion.csv"
 EMBEDDING_PLOT = "plots/embedding.png"
+ANOMALY_PLOT = "plots/anomaly.png"
 
 ONNX = "models/encoder.onnx"
 EXPORT_METRICS = "metrics/export.json"

@@ -17,6 +17,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
+import tempfile
 import time
 from dataclasses import dataclass
 from importlib.metadata import version as installed_version
@@ -42,17 +44,23 @@ INPUTS = {
     "knn": paths.KNN_HISTORY,
     "confusion": paths.CONFUSION,
     "embedding": paths.EMBEDDING_PLOT,
+    "anomaly": paths.ANOMALY_PLOT,
 }
 # The inputs logged as run artifacts (the models go in as MLflow models), and the recipe files
 # logged under recipe/ when present.
 ARTIFACTS = (
     "manifest", "pretrain", "probe", "export", "history", "knn", "confusion", "embedding",
+    "anomaly",
 )
 RECIPE_FILES = ("params.yaml", "dvc.yaml", "dvc.lock")
 
 STATE_TAG = "pipeline_state"
 LIVE_TAG = "pretrain.run_key"
 """Tags the pretraining's live run (:mod:`contrastive.live`) with the checkpoint's run key."""
+SERVICE = Path(__file__).with_name("service.py")
+"""The served model's code (MLflow "model from code"); a dep of the register stage."""
+SERVICE_FPR = 0.05
+"""The share of val images the served model's anomaly threshold flags."""
 ONNX_TAG = "onnx_model_uri"
 PYTORCH_TAG = "pytorch_model_uri"
 
@@ -271,31 +279,56 @@ def log_pipeline_run(experiment_id: str, snapshot: Snapshot, root: str | Path = 
             if (root / file).is_file():
                 client.log_artifact(run_id, str(root / file), "recipe")
         mlflow.log_text(model_card(snapshot, run_id), "model_card.md")
-        onnx_uri, pytorch_uri = _log_models(root)
+        onnx_uri, pytorch_uri = _log_models(root, params.probe.anomaly_k)
         mlflow.set_tags({ONNX_TAG: onnx_uri, PYTORCH_TAG: pytorch_uri,
                          STATE_TAG: snapshot.state_key})
     return RunRecord(run_id, onnx_uri, pytorch_uri, reused=False)
 
 
 def final_metrics(snapshot: Snapshot) -> dict[str, float]:
-    """Every number of the stages' metrics files, flattened: ``probe.pretrained.linear_top1``."""
+    """Every number of the stages' metrics files, flattened: ``probe.pretrained.linear_top1``.
+
+    Characters MLflow refuses in a metric name (class names are keys of the per-class anomaly
+    table, and an image folder's class may be called anything) become ``_``.
+    """
     flat = {}
     for stage, metrics in snapshot.metrics.items():
         for key, value in flatten(metrics, f"{stage}.").items():
             if isinstance(value, int | float) and not isinstance(value, bool):
-                flat[key] = float(value)
+                flat[re.sub(r"[^\w./\- ]", "_", key)] = float(value)
     return flat
 
 
-def _log_models(root: Path) -> tuple[str, str]:
-    """Log the ONNX encoder and the PyTorch encoder (same input and output); return their URIs.
+def _write_reference(path: Path, root: Path, onnx_path: Path, k: int) -> None:
+    """The served model's reference (:mod:`contrastive.service`): unit train embeddings and
+    labels, and the deep-kNN threshold calibrated on val at :data:`SERVICE_FPR`."""
+    from contrastive.anomaly import Detector
+    from contrastive.data import load_split
+    from contrastive.export import INPUT_NAME, OUTPUT_NAME, ort_session
+
+    session, prepared = ort_session(onnx_path), root / Path(INPUTS["manifest"]).parent
+    embedded = {}
+    for split in ("train", "val"):
+        images, labels = load_split(prepared, split)
+        embedded[split] = (np.concatenate([
+            session.run([OUTPUT_NAME], {INPUT_NAME: images[i:i + 256]})[0]
+            for i in range(0, len(images), 256)]), labels)
+    train, labels = embedded["train"]
+    detector = Detector(train, embedded["val"][0], k, SERVICE_FPR)
+    unit = train / np.maximum(np.linalg.norm(train, axis=1, keepdims=True), 1e-12)
+    np.savez(path, embeddings=unit.astype(np.float32), labels=labels, k=k,
+             threshold=detector.threshold)
+
+
+def _log_models(root: Path, anomaly_k: int = 2) -> tuple[str, str]:
+    """Log the ONNX encoder (served by :mod:`contrastive.service`: embeddings, and on request
+    neighbours and anomaly scores) and the PyTorch encoder; return their URIs.
 
     Both take raw ``uint8 (N, H, W, 3)`` images. The input example has two real test images:
     torch.export would freeze a batch of one into the graph. Pinned requirements skip MLflow's
     slow requirement inference (a subprocess per model).
     """
     import mlflow
-    import onnx
     import torch
     from mlflow.models import infer_signature
 
@@ -308,12 +341,17 @@ def _log_models(root: Path) -> tuple[str, str]:
     if len(images) < 2:
         images = np.repeat(images, 2, axis=0)
     embeddings = ort_session(onnx_path).run([OUTPUT_NAME], {INPUT_NAME: images})[0]
-    signature = infer_signature(images, embeddings)
-    onnx_info = mlflow.onnx.log_model(
-        onnx.load(str(onnx_path)), name="encoder-onnx", signature=signature,
-        input_example=images, onnx_execution_providers=["CPUExecutionProvider"],
-        save_as_external_data=False, pip_requirements=_pins("onnx", "onnxruntime", "numpy"),
-    )
+    signature = infer_signature(images, {"embeddings": embeddings},
+                                params={"neighbours": 0, "anomaly": False})
+    with tempfile.TemporaryDirectory(prefix="contrastive-reference-") as folder:
+        reference = Path(folder) / "reference.npz"
+        _write_reference(reference, root, onnx_path, anomaly_k)
+        onnx_info = mlflow.pyfunc.log_model(
+            name="encoder-onnx", python_model=str(SERVICE), signature=signature,
+            artifacts={"encoder": str(onnx_path), "reference": str(reference)},
+            input_example=(images, {"neighbours": 0, "anomaly": False}),
+            pip_requirements=_pins("onnxruntime", "numpy"),
+        )
     model = EmbeddingModel(*load_encoder(root / INPUTS["encoder"])).eval()
     with torch.inference_mode():
         torch_embeddings = model(torch.from_numpy(images))
@@ -327,6 +365,42 @@ def _log_models(root: Path) -> tuple[str, str]:
 
 def _pins(*packages: str) -> list[str]:
     return [f"{p}=={installed_version(p)}" for p in ("mlflow", *packages)]
+
+
+FEATURE_SETS = (("pretrained", "pretrained"), ("random init", "random_init"),
+                ("raw pixels", "raw_pixels"))
+
+
+def uses_section(probe: dict[str, Any]) -> str:
+    """The model card's retrieval and anomaly tables, from metrics/probe.json (empty when the
+    probe measured neither)."""
+    present = [(name, probe[key]) for name, key in FEATURE_SETS
+               if "map_at_r" in probe.get(key, {})]
+    if not present:
+        return ""
+    retrieval_rows = "\n".join(
+        f"| {name} | {m['recall_at_1']:.4f} | {m['recall_at_5']:.4f} | {m['recall_at_10']:.4f} "
+        f"| {m['map_at_r']:.4f} | {m['anomaly_auroc']:.4f} |" for name, m in present
+    )
+    classes = list(present[0][1].get("anomaly_auroc_per_class", {}))
+    class_rows = "\n".join(
+        f"| {c} | " + " | ".join(f"{m['anomaly_auroc_per_class'].get(c, float('nan')):.4f}"
+                                 for _, m in present) + " |"
+        for c in classes
+    )
+    return f"""
+## Retrieval and anomaly detection (test queries the train split, cosine)
+| features | Recall@1 | Recall@5 | Recall@10 | mAP@R | anomaly AUROC |
+|---|---|---|---|---|---|
+{retrieval_rows}
+
+Anomaly AUROC: deep kNN (mean cosine distance to the {probe.get('anomaly_k')} nearest train
+embeddings), each class in turn left out of train and taken as the anomaly among the test images.
+
+| held-out class | {' | '.join(name for name, _ in present)} |
+|---|{'---|' * len(present)}
+{class_rows}
+"""
 
 
 def model_card(snapshot: Snapshot, run_id: str) -> str:
@@ -364,6 +438,9 @@ image files to {size}x{size} first.
 |---|---|---|
 {rows}
 
+kNN k = {probe.get('knn_k')}.
+{uses_section(probe)}
+
 ## Export
 - ONNX max abs difference to torch {export.get('max_abs_diff')}, probe agreement
   {export.get('prediction_agreement')}
@@ -379,5 +456,7 @@ image files to {size}x{size} first.
 ```
 contrastive embed --model models:/{p.registry.model_name}@champion IMAGES --out emb.parquet
 contrastive search --model models:/{p.registry.model_name}@champion --gallery DIR QUERY -k 5
+contrastive index build --model models:/{p.registry.model_name}@champion --gallery DIR
+contrastive anomaly --model models:/{p.registry.model_name}@champion IMAGES --fpr 0.05
 ```
 """

@@ -35,6 +35,7 @@ from contrastive.callbacks import (
 )
 from contrastive.config import ConfigError, Params, params_hash
 from contrastive.data import load_manifest, load_split
+from contrastive.evaluate import resolve_knn_k
 from contrastive.files import atomic_path, write_json
 from contrastive.methods import build
 from contrastive.models import EncoderInfo, build_encoder, save_encoder
@@ -268,7 +269,8 @@ def pretrain(
     manifest, probe = data.manifest, params.probe
     monitor = KnnMonitor(
         params.train.knn_every, data.train, data.val, manifest["mean"], manifest["std"], device,
-        manifest["num_classes"], probe.knn_k, probe.knn_temperature, probe.batch_size,
+        manifest["num_classes"], resolve_knn_k(probe.knn_k, data.train[1]), probe.knn_temperature,
+        probe.batch_size,
     )
     own: list[Callback] = [monitor, ProgressBar(), checkpointer]
     if stop_after_epoch is not None:
