@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -55,6 +56,12 @@ class World:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+
+# torch 2.x marks torch.distributed.nn.functional deprecated in favour of a private module; it
+# is still the public gradient-aware collective API (and the one the project names)
+warnings.filterwarnings(
+    "ignore", r"torch\.distributed\.nn\.functional\.\w+ is deprecated", FutureWarning
+)
 
 SINGLE = World()
 """The context of a plain, single-process run."""
@@ -93,6 +100,7 @@ def init(params: Params, device: torch.device) -> tuple[World, torch.device]:
     if world_size <= 1:
         return SINGLE, device
     backend = resolve_backend(params, device)
+    _die_with_parent()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
@@ -100,6 +108,28 @@ def init(params: Params, device: torch.device) -> tuple[World, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     return World(dist.get_rank(), dist.get_world_size(), local_rank, backend), device
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to end this process when its parent (torchrun's agent) dies.
+
+    torchrun starts each worker in a session of its own, so killing the launching command (a
+    Prefect time limit, Ctrl-C in a pipeline, ``kill``) would otherwise leave the workers
+    training, and writing checkpoints, on their own. Elsewhere: nothing (best effort).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def active() -> bool:
@@ -211,9 +241,11 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
                 child.num_features, child.eps, child.momentum, child.affine,
                 child.track_running_stats,
             )
-            sync.load_state_dict(child.state_dict())
+            # the very same tensors: a frozen layer (MoCo's key encoder) stays frozen
+            sync.weight, sync.bias = child.weight, child.bias
+            sync.running_mean, sync.running_var = child.running_mean, child.running_var
+            sync.num_batches_tracked = child.num_batches_tracked
             sync.train(child.training)
-            sync.to(next(iter(child.state_dict().values())).device)
             setattr(module, name, sync)
         else:
             convert_sync_batchnorm(child)
