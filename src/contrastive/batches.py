@@ -23,6 +23,12 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
+def view_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of rank ``rank``'s views in ``epoch`` when several processes train: each rank
+    draws its own views, so no two ranks share the random crops of their images."""
+    return (epoch_seed(seed, epoch) * 65_537 + rank + 1) % (2**63)
+
+
 class InMemoryBatches:
     """Shuffled batches of the whole training split, held on ``device``; the last partial batch
     of an epoch is dropped.
@@ -31,6 +37,12 @@ class InMemoryBatches:
     (a class-balanced sampler), instead of a permutation. ``prefetch`` makes each batch on a
     background thread while the caller trains on the one before; ``None`` decides by the device
     (:func:`prefetch_by_default`). The batches are the same either way.
+
+    With ``world_size`` processes, ``batch_size`` is the global batch: every rank draws the same
+    (seed, epoch) order and takes its ``batch_size / world_size`` consecutive images of each
+    global batch (rank 0 the first), and draws their views from its own generator
+    (:func:`view_seed`). A run is then reproducible for a given world size; with one process,
+    order and views come from one generator, as they always did.
     """
 
     def __init__(
@@ -45,6 +57,8 @@ class InMemoryBatches:
         memory_format: torch.memory_format = torch.contiguous_format,
         balanced: bool = False,
         prefetch: bool | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.images, self.labels = images, labels
         self.batch_size, self.views = batch_size, views
@@ -52,6 +66,9 @@ class InMemoryBatches:
         self.memory_format, self.balanced = memory_format, balanced
         self.prefetch = prefetch_by_default(images.device) if prefetch is None else prefetch
         self.steps_per_epoch = len(images) // batch_size
+        self.rank, self.world_size = rank, world_size
+        self.local_batch = batch_size // world_size
+        """Images per batch on this rank."""
 
     def order(self, generator: torch.Generator) -> torch.Tensor:
         """The epoch's sequence of image indices."""
@@ -68,14 +85,22 @@ class InMemoryBatches:
         device = self.images.device
         generator = torch.Generator(device=device).manual_seed(epoch_seed(self.seed, epoch))
         order = self.order(generator)
+        views_generator = generator
+        if self.world_size > 1:
+            views_generator = torch.Generator(device=device).manual_seed(
+                view_seed(self.seed, epoch, self.rank)
+            )
+        start = self.rank * self.local_batch
         # CUDA streams are per thread: a prefetching thread must queue on the caller's stream
         stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
 
         def make(step: int) -> Batch:
-            index = order[step * self.batch_size : (step + 1) * self.batch_size]
+            # index: (local_batch,) this rank's slice of the step's global batch
+            first = step * self.batch_size + start
+            index = order[first : first + self.local_batch]
             with torch.cuda.stream(stream):  # None (the CPU): nothing to do
                 view_a, view_b = (
-                    normalize(self.views(self.images[index], generator), self.mean, self.std)
+                    normalize(self.views(self.images[index], views_generator), self.mean, self.std)
                     .contiguous(memory_format=self.memory_format)
                     for _ in range(2)
                 )

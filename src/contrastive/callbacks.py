@@ -140,8 +140,9 @@ class Checkpointer(Callback):
             torch.save(payload, tmp)
         state.saved_epoch = state.epoch
 
-    def resume(self, state: TrainState, device: torch.device) -> bool:
+    def resume(self, state: TrainState, device: torch.device, announce: bool = True) -> bool:
         """Load the checkpoint into ``state`` if there is one of this run; True if resumed.
+        ``announce``: say so (every process resumes, rank 0 alone speaks).
 
         Only tensors, numbers, strings and containers are unpickled (``weights_only``): a
         planted file cannot run code. A checkpoint of other params is ignored (it is replaced
@@ -160,13 +161,17 @@ class Checkpointer(Callback):
                 "the start, or put back a good copy to resume"
             ) from None
         if run_key != state.run_key:
-            tqdm.write(f"pretrain: {self.path} belongs to other params; training from the start")
+            if announce:
+                tqdm.write(
+                    f"pretrain: {self.path} belongs to other params; training from the start"
+                )
             return False
         state.method.load_state_dict(saved["method"])
         state.optimizer.load_state_dict(saved["optimizer"])
         state.history, state.epoch = saved["history"], saved["epoch"]
         state.saved_epoch = state.epoch
-        tqdm.write(f"pretrain: resuming from {self.path} after epoch {state.epoch}")
+        if announce:
+            tqdm.write(f"pretrain: resuming from {self.path} after epoch {state.epoch}")
         return True
 
 

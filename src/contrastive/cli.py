@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -27,11 +28,20 @@ def _prepare(params: Params) -> dict[str, Any]:
     return {"counts": manifest["totals"], "classes": manifest["num_classes"]}
 
 
-def _pretrain(params: Params) -> dict[str, Any]:
-    from contrastive import live
-    from contrastive.train import pretrain
+def _pretrain(params: Params, params_path: str = "params.yaml") -> dict[str, Any] | int:
+    """Pretrain in this process, or, when ``train.devices`` asks for several and this is not
+    already one of torchrun's processes, check everything and relaunch this command through
+    ``torch.distributed.run``: its exit status."""
+    from contrastive import distributed, live
+    from contrastive.train import check_launch, pretrain
 
-    return pretrain(params, callbacks=[live.LiveRun(params)] if live.enabled() else [])
+    processes = distributed.requested_processes(params)
+    if processes > 1 and distributed.env_world_size() == 1:
+        on_cuda = check_launch(params, processes)
+        return distributed.launch(["pretrain", "--params", params_path], processes, on_cuda)
+    main_rank = distributed.env_rank() == 0
+    tracked = live.enabled() and main_rank
+    return pretrain(params, callbacks=[live.LiveRun(params)] if tracked else [])
 
 
 def _probe(params: Params) -> dict[str, Any]:
@@ -129,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
         stage = sub.add_parser(name, help=help_text, description=help_text)
         stage.add_argument("--params", default="params.yaml", help=params_help)
         stage.set_defaults(run=lambda args, fn=fn: fn(load_params(args.params)))
+    sub.choices["pretrain"].set_defaults(
+        run=lambda args: _pretrain(load_params(args.params), args.params)
+    )
 
     registry = sub.add_parser("registry", help="list, show, promote or roll back model versions")
     registry.set_defaults(run=_registry)
@@ -209,14 +222,23 @@ def main(argv: list[str] | None = None) -> int:
     yield, unless the user set ``OMP_NUM_THREADS`` / ``OMP_WAIT_POLICY``."""
     configure_threads()
     args = build_parser().parse_args(argv)
+    # one of torchrun's processes: rank 0 speaks for all of them (they share params and, through
+    # the all-reduced loss, the same errors); a process that fails alone says so itself
+    main_rank = os.environ.get("RANK", "0") == "0"
     try:
         result = args.run(args)
     except ConfigError as exc:
-        print(f"contrastive {args.command}: error: {exc}", file=sys.stderr)
+        if main_rank:
+            print(f"contrastive {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except StageFailed as exc:
-        print(f"contrastive {args.command}: failed: {exc}", file=sys.stderr)
+        if main_rank or getattr(exc, "rank_specific", False):
+            print(f"contrastive {args.command}: failed: {exc}", file=sys.stderr)
         return 1
+    if isinstance(result, int):  # the exit status of the processes it launched
+        return result
+    if not main_rank:
+        return 0
     if isinstance(result, str):
         print(result)
     else:

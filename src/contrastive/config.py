@@ -199,6 +199,14 @@ class TrainConfig(_Section):
     compile: StrictBool = False
     knn_every: Annotated[Int, Field(ge=0)] = 5
     """Run the kNN monitor on the validation split every N epochs (0: never)."""
+    devices: Literal["auto"] | Annotated[Int, Field(ge=1)] = 1
+    """Processes the ``contrastive pretrain`` command launches through ``torch.distributed.run``
+    (one per device): ``auto`` is one per CUDA GPU, 1 on the CPU. Under ``torchrun`` its own
+    ``--nproc-per-node`` decides instead. ``batch_size`` is the global batch over all of them."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Distributed backend with several processes: ``auto`` is NCCL on CUDA, gloo on the CPU."""
+    sync_bn: StrictBool = False
+    """With several processes, BatchNorm normalises with the statistics of the global batch."""
     moco: MoCoConfig = MoCoConfig()
     triplet: TripletConfig = TripletConfig()
     margin_pair: MarginPairConfig = MarginPairConfig()
@@ -228,6 +236,17 @@ class TrainConfig(_Section):
             raise ValueError(
                 f"train.class_balance: '{self.class_balance}' needs a method that uses labels "
                 "(supcon, or triplet/margin_pair with supervised: true); use none"
+            )
+        if self.devices != "auto" and self.devices > self.batch_size:
+            raise ValueError(
+                f"train.devices: {self.devices} processes but train.batch_size is "
+                f"{self.batch_size}: every process needs at least one image per batch; use at "
+                f"most {self.batch_size}"
+            )
+        if self.devices != "auto" and self.batch_size % self.devices:
+            raise ValueError(
+                f"train.batch_size: {self.batch_size} (the global batch) is not divisible by "
+                f"train.devices ({self.devices}); use a multiple of {self.devices}"
             )
         if self.method == "moco" and self.moco.queue_size < self.batch_size:
             raise ValueError(

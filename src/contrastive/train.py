@@ -4,6 +4,10 @@
 the optimiser and calls the callbacks (progress, kNN monitor, checkpoints, tracking).
 :func:`pretrain` is the ``pretrain`` stage: it checks everything before any work, builds the
 method, resumes from the checkpoint of the same params, runs :func:`fit` and writes the outputs.
+
+Under ``torchrun`` the same code runs in every process (:mod:`contrastive.distributed`): each
+trains on its share of every global batch, the method's loss sees the global batch, DDP averages
+the gradients, and rank 0 alone writes checkpoints, outputs and tracking and shows the progress.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from contrastive import paths
+from contrastive import distributed, paths
 from contrastive.augment import SimCLRViews
 from contrastive.batches import InMemoryBatches
 from contrastive.callbacks import (
@@ -33,8 +38,9 @@ from contrastive.callbacks import (
     TrainingDivergedError,
     TrainState,
 )
-from contrastive.config import ConfigError, Params, params_hash
+from contrastive.config import ConfigError, Params, StageFailed, params_hash
 from contrastive.data import load_manifest, load_split
+from contrastive.distributed import SINGLE, World
 from contrastive.evaluate import resolve_knn_k
 from contrastive.files import atomic_path, write_json
 from contrastive.methods import build
@@ -56,13 +62,18 @@ def fit(
     warmup_epochs: int,
     callbacks: Sequence[Callback],
     autocast: contextlib.AbstractContextManager[Any] | None = None,
+    model: nn.Module | None = None,
 ) -> None:
     """Train ``state.method`` from epoch ``state.epoch`` to ``state.epochs``.
+
+    ``model`` computes the loss: the method itself (the default), or the method in DDP
+    (:func:`contrastive.distributed.wrap`). The epoch's loss is the mean over the processes.
 
     Linear warm-up then cosine decay of the learning rate, per step. A NaN or infinite epoch
     loss stops the run with :class:`TrainingDivergedError`; the last good checkpoint stays.
     """
     method, optimizer = state.method, state.optimizer
+    model = method if model is None else model
     autocast = autocast or contextlib.nullcontext()
     warmup_steps = warmup_epochs * state.steps_per_epoch
     for callback in callbacks:
@@ -80,7 +91,7 @@ def fit(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with autocast:
-                    loss = method(view_a, view_b, labels)
+                    loss = model(view_a, view_b, labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -88,7 +99,8 @@ def fit(
                 loss_sum += loss.detach()
                 for callback in callbacks:
                     callback.on_step_end(state, step)
-            epoch_loss = (loss_sum / state.steps_per_epoch).item()  # the epoch's one host sync
+            # the epoch's one host sync (and, with several processes, its one all-reduce)
+            epoch_loss = (distributed.mean(loss_sum) / state.steps_per_epoch).item()
             seconds = time.perf_counter() - started
             state.epoch += 1
             if not math.isfinite(epoch_loss):
@@ -111,23 +123,41 @@ def fit(
             callback.on_train_end(state)
 
 
-def run_key(params: Params, data_hash: str, device: torch.device) -> str:
+def run_key(params: Params, data_hash: str, device: torch.device, world_size: int = 1) -> str:
     """What a checkpoint must match to be resumed: every param that changes the training.
 
     ``precision: auto`` means bf16 on one machine and fp32 on another, so the resolved
-    precision and memory format count too: an fp32 checkpoint is never resumed in bf16.
+    precision and memory format count too: an fp32 checkpoint is never resumed in bf16. So does
+    the number of processes (each draws its own views); ``train.devices`` and ``train.backend``
+    only say how to launch.
     """
     bf16, channels_last = resolve_precision(params.train, device)
-    resolved = {"bf16": bf16, "channels_last": channels_last}
-    return params_hash(
-        params.model, params.augment, params.train,
-        {"seed": params.seed, "data": data_hash, "resolved": resolved},
-    )
+    train_cfg = params.train.model_dump(mode="json", exclude={"devices", "backend"})
+    run = {"seed": params.seed, "data": data_hash,
+           "resolved": {"bf16": bf16, "channels_last": channels_last}}
+    if world_size > 1:
+        run["world_size"] = world_size
+    return params_hash(params.model, params.augment, train_cfg, run)
 
 
-def check_pretrain(params: Params, manifest: dict[str, Any], train_labels: np.ndarray) -> None:
-    """Everything that can be said about ``params`` against the prepared data, before any work."""
+def check_pretrain(
+    params: Params, manifest: dict[str, Any], train_labels: np.ndarray, world_size: int = 1
+) -> None:
+    """Everything that can be said about ``params`` against the prepared data and the number
+    of processes, before any work."""
     cfg, n = params.train, len(train_labels)
+    if world_size > 1:
+        distributed.check_world(params, world_size)
+    if cfg.backend == "nccl":
+        distributed.resolve_backend(params, resolve_device(params.device))
+    if cfg.sync_bn:
+        with torch.device("meta"):  # the modules only, no weights
+            method = build(build_encoder(params.model, manifest["image_size"]), params)
+        if not distributed.has_batch_norm(method):
+            raise ConfigError(
+                f"train.sync_bn: true, but method '{cfg.method}' with encoder "
+                f"'{params.model.encoder}' has no BatchNorm layer to synchronise; use false"
+            )
     if cfg.batch_size > n:
         raise ConfigError(
             f"train.batch_size: {cfg.batch_size} is larger than the training split "
@@ -144,6 +174,15 @@ def check_pretrain(params: Params, manifest: dict[str, Any], train_labels: np.nd
             f"model.patch_size: {params.model.patch_size} does not divide data.image_size "
             f"({size}); use a divisor of {size}"
         )
+
+
+def check_launch(params: Params, processes: int) -> bool:
+    """Every check :func:`pretrain` makes, for ``processes`` processes about to be launched, so
+    that bad input stops the command before any process starts; whether they train on CUDA."""
+    manifest = load_manifest(paths.PREPARED)
+    _, labels = load_split(paths.PREPARED, "train")
+    check_pretrain(params, manifest, labels, processes)
+    return resolve_device(params.device).type == "cuda"
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -182,9 +221,10 @@ class TrainingData:
 
 
 def build_run(
-    params: Params, data: TrainingData, device: torch.device
+    params: Params, data: TrainingData, device: torch.device, world: World = SINGLE
 ) -> tuple[TrainState, InMemoryBatches]:
-    """The method around a freshly initialised encoder (seeded), its optimiser and its batches."""
+    """The method around a freshly initialised encoder (seeded), its optimiser and its batches
+    (this process's share of them, under several processes)."""
     cfg, manifest = params.train, data.manifest
     _, channels_last = resolve_precision(cfg, device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -194,7 +234,10 @@ def build_run(
     weights = (
         class_weights(train_y, manifest["num_classes"]) if cfg.class_balance == "weights" else None
     )
-    method = build(encoder, params, weights).to(device, memory_format=memory_format)
+    method = build(encoder, params, weights)
+    if cfg.sync_bn and world.distributed:
+        distributed.convert_sync_batchnorm(method)
+    method = method.to(device, memory_format=memory_format)
     if cfg.compile:
         encoder.compile()  # in place: the state_dict keys stay the same
     optimizer = build_optimizer(method, cfg, fused=device.type == "cuda")
@@ -208,8 +251,10 @@ def build_run(
         params.seed,
         memory_format,
         balanced=cfg.class_balance == "sampler",
+        rank=world.rank,
+        world_size=world.world_size,
     )
-    key = run_key(params, manifest["data_hash"], device)
+    key = run_key(params, manifest["data_hash"], device, world.world_size)
     state = TrainState(method, optimizer, cfg.epochs, batches.steps_per_epoch, cfg.batch_size, key)
     return state, batches
 
@@ -257,30 +302,81 @@ def pretrain(
     metrics and the per-epoch history. Outputs are written only at the end, each atomically:
     a failed or killed run leaves the previous ones in place.
 
-    ``callbacks`` run after the stage's own (kNN monitor, progress, checkpoint).
+    ``callbacks`` run after the stage's own (kNN monitor, progress, checkpoint), on rank 0 only.
     ``stop_after_epoch`` ends the run after that epoch's checkpoint, as a kill would.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this; rank 0 alone writes and
+    returns the metrics, the others return ``{}``.
     """
     data = TrainingData.load(prepared_dir)
-    check_pretrain(params, data.manifest, data.train[1])
-    device = resolve_device(params.device)
-    state, batches = build_run(params, data, device)
+    check_pretrain(params, data.manifest, data.train[1], distributed.env_world_size())
+    world, device = distributed.init(params, resolve_device(params.device))
+    try:
+        return _pretrain(
+            params, data, world, device, encoder_path, checkpoint_dir, metrics_path,
+            history_path, knn_path, callbacks, stop_after_epoch,
+        )
+    except (ConfigError, StageFailed):
+        raise
+    except Exception as exc:
+        if not world.distributed:
+            raise
+        raise RankFailed(f"rank {world.rank}: {type(exc).__name__}: {_first_line(exc)}") from exc
+    finally:
+        distributed.cleanup()
+
+
+class RankFailed(StageFailed):
+    """A process of a distributed run failed alone (the others stop with it); the last good
+    checkpoint is kept. The CLI prints it on whichever rank raised it."""
+
+    rank_specific = True
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
+def _pretrain(
+    params: Params,
+    data: TrainingData,
+    world: World,
+    device: torch.device,
+    encoder_path: str | Path,
+    checkpoint_dir: str | Path,
+    metrics_path: str | Path,
+    history_path: str | Path,
+    knn_path: str | Path,
+    callbacks: Sequence[Callback],
+    stop_after_epoch: int | None,
+) -> dict[str, Any]:
+    """:func:`pretrain` once the process group (if any) is open."""
+    state, batches = build_run(params, data, device, world)
     checkpointer = Checkpointer(checkpoint_dir)
-    checkpointer.resume(state, device)
+    checkpointer.resume(state, device, announce=world.is_main)
     manifest, probe = data.manifest, params.probe
-    monitor = KnnMonitor(
-        params.train.knn_every, data.train, data.val, manifest["mean"], manifest["std"], device,
-        manifest["num_classes"], resolve_knn_k(probe.knn_k, data.train[1]), probe.knn_temperature,
-        probe.batch_size,
-    )
-    own: list[Callback] = [monitor, ProgressBar(), checkpointer]
+    own: list[Callback] = []
+    if world.is_main:  # rank 0 alone monitors, shows progress, writes and tracks
+        monitor = KnnMonitor(
+            params.train.knn_every, data.train, data.val, manifest["mean"], manifest["std"],
+            device, manifest["num_classes"], resolve_knn_k(probe.knn_k, data.train[1]),
+            probe.knn_temperature, probe.batch_size,
+        )
+        own += [monitor, ProgressBar(), checkpointer]
     if stop_after_epoch is not None:
         own.append(StopAfter(stop_after_epoch))
+    if world.is_main:
+        own += callbacks
     bf16, _ = resolve_precision(params.train, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else None
-    fit(state, batches, scaled_lr(params.train), params.train.warmup_epochs,
-        [*own, *callbacks], autocast)
+    model = distributed.wrap(state.method, world, device)
+    fit(state, batches, scaled_lr(params.train), params.train.warmup_epochs, own, autocast,
+        model)
     if state.epoch < params.train.epochs:
         return {"stopped_after_epoch": state.epoch}
+    if not world.is_main:
+        return {}
 
     metrics = summarize(state, params, data, device)
     if metrics["collapsed"]:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from contrastive.config import Params
+from contrastive.distributed import gather, gather_no_grad
 from contrastive.losses import Temperature
 from contrastive.models import ProjectionHead
 
@@ -60,6 +61,16 @@ class Method(nn.Module):
         z = self.head(self.encoder(torch.cat([view_a, view_b])))
         z_a, z_b = z.chunk(2)
         return z_a, z_b
+
+    def project_global(
+        self, view_a: torch.Tensor, view_b: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`project`, then the projections and labels of every process, in rank order:
+        the global batch, whose other images are the negatives (``(N * world_size, out_dim)``
+        twice and ``(N * world_size,)``). Gradients flow back through the gather to this
+        process's rows (:func:`contrastive.distributed.gather`). One process: :meth:`project`."""
+        z_a, z_b = self.project(view_a, view_b)
+        return gather(z_a), gather(z_b), gather_no_grad(labels)
 
     def sample_weights(self, labels: torch.Tensor) -> torch.Tensor | None:
         """Each sample's class weight under ``train.class_balance: weights``, else None."""

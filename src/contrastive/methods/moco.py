@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from contrastive.config import MoCoConfig, Params
+from contrastive.distributed import gather_no_grad
 from contrastive.losses import InfoNCELoss, Temperature
 from contrastive.methods.base import Method
 
@@ -41,8 +42,11 @@ class MoCo(Method):
     code. MoCo's Shuffle BN (Sec. 3.3) hands the key encoder other subsets of the batch than the
     query encoder on every GPU, so that BN statistics cannot give the positive away; it needs
     several processes. In one process the key encoder's BN sees the whole key batch, the same
-    images as the query batch. Shuffled BN (or SyncBatchNorm) goes into :meth:`_keys`, and the
-    all-gather of keys before they are enqueued into :meth:`_gather`.
+    images as the query batch. Under several processes, each process's keys are gathered
+    (:meth:`_gather`) and every process enqueues the keys of the global batch, so the queues stay
+    equal; with ``train.sync_bn`` both encoders normalise over the global batch, as in one
+    process (and as MoCo v3 does); without it, over each process's share. MoCo's Shuffle BN is
+    not implemented: it would go into :meth:`_keys`.
     """
 
     name = "moco"
@@ -95,7 +99,8 @@ class MoCo(Method):
             return loss
         keys_a = self._keys(view_a)
         swapped = self.criterion(self.head(self.encoder(view_b)), keys_a, negatives, temperature=t)
-        self.enqueue(self._gather(torch.cat([keys_a, keys_b])))
+        # view a's keys of every process, then view b's: the single-process order
+        self.enqueue(torch.cat([self._gather(keys_a), self._gather(keys_b)]))
         return (loss + swapped) / 2
 
     @torch.no_grad()
@@ -110,7 +115,7 @@ class MoCo(Method):
     def _gather(self, keys: torch.Tensor) -> torch.Tensor:
         """The keys of every process, in rank order, to enqueue: the reference code's
         ``concat_all_gather``. One process already holds them all."""
-        return keys
+        return gather_no_grad(keys)
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:

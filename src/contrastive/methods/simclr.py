@@ -36,4 +36,5 @@ class SimCLR(Method):
     def forward(
         self, view_a: torch.Tensor, view_b: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
-        return self.criterion(*self.project(view_a, view_b), temperature=self.temperature())
+        z_a, z_b, _ = self.project_global(view_a, view_b, labels)
+        return self.criterion(z_a, z_b, temperature=self.temperature())

@@ -44,8 +44,10 @@ class SupCon(Method):
     def forward(
         self, view_a: torch.Tensor, view_b: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
+        z_a, z_b, labels = self.project_global(view_a, view_b, labels)
         return self.criterion(
-            *self.project(view_a, view_b),
+            z_a,
+            z_b,
             labels,
             self.sample_weights(labels),
             temperature=self.temperature(),

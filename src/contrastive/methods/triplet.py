@@ -48,7 +48,7 @@ class Triplet(Method):
     def forward(
         self, view_a: torch.Tensor, view_b: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
-        z_a, z_b = self.project(view_a, view_b)
+        z_a, z_b, labels = self.project_global(view_a, view_b, labels)
         return self.criterion(
             z_a, z_b, labels if self.supervised else None, self.sample_weights(labels)
         )
