@@ -164,9 +164,12 @@ def training_seconds(folder: Path, params: dict) -> float:
 
 def setup_share(folder: Path, epochs: int | None) -> None:
     """Run the pipeline in a new copy of the project at ``folder``; print where its time went."""
-    full_epochs = project_params({})["train"]["epochs"]
+    train = project_params({})["train"]
+    full_epochs = train["epochs"]
     epochs = epochs or full_epochs
-    params = project_params({"train": {"epochs": epochs}})
+    # The warm-up must stay shorter than the run; the schedule does not change a step's cost.
+    warmup = min(train["warmup_epochs"], epochs - 1)
+    params = project_params({"train": {"epochs": epochs, "warmup_epochs": warmup}})
     make_project(folder, params, timed=True)
     log = folder / "stages.jsonl"
     extra = {"BENCH_STAGE_LOG": str(log), "TQDM_DISABLE": "1"}
