@@ -24,6 +24,7 @@ from contrastive.config import ModelConfig, Params
 from contrastive.data import load_manifest, load_split
 from contrastive.files import atomic_path, write_json
 from contrastive.models import LinearProbe, Preprocess, build_encoder, load_encoder, save_probe
+from contrastive.plots import plot_confusion
 from contrastive.runtime import resolve_device
 
 
@@ -266,6 +267,7 @@ def probe_stage(
     metrics_path: str | Path = paths.PROBE_METRICS,
     confusion_path: str | Path = paths.CONFUSION,
     embedding_plot: str | Path = paths.EMBEDDING_PLOT,
+    confusion_plot: str | Path = paths.CONFUSION_PLOT,
 ) -> dict:
     """Evaluate the pretrained encoder against a random-init encoder and raw pixels.
 
@@ -308,6 +310,7 @@ def probe_stage(
     }
     save_probe(probe_path, probe)
     _write_confusion(confusion_path, pretrained.y_test, predictions, classes)
+    plot_confusion(confusion_path, classes, confusion_plot)
     plot_embedding(
         embedding_plot, pretrained.test, pretrained.y_test, classes, params.seed,
         params.probe.tsne_points,

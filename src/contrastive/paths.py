@@ -1,5 +1,9 @@
 """Where the stages read and write, relative to the project folder: defined here once.
 
+``metrics/*.json`` hold only numbers that describe the model (what ``dvc metrics diff`` and
+``dvc exp show`` compare); the facts of a run that are not such numbers (timings, the device, the
+method's name, text) go to ``reports/*.json``, plain outputs that DVC does not compare.
+
 ``dvc.yaml`` declares the same paths (a test checks that the two agree), and the CLI, the Prefect
 flow, the register stage and the tests all take them from here.
 """
@@ -12,15 +16,19 @@ MANIFEST = f"{PREPARED}/manifest.json"
 ENCODER = "models/encoder.pt"
 CHECKPOINTS = "checkpoints"
 PRETRAIN_METRICS = "metrics/pretrain.json"
+PRETRAIN_REPORT = "reports/pretrain.json"
 PRETRAIN_HISTORY = "plots/pretrain.csv"
 KNN_HISTORY = "plots/knn.csv"
+TRAINING_PLOT = "plots/training.png"
 
 PROBE = "models/probe.pt"
 PROBE_METRICS = "metrics/probe.json"
 CONFUSION = "plots/confusion.csv"
+CONFUSION_PLOT = "plots/confusion.png"
 EMBEDDING_PLOT = "plots/embedding.png"
 
 ONNX = "models/encoder.onnx"
 EXPORT_METRICS = "metrics/export.json"
+EXPORT_REPORT = "reports/export.json"
 
 REGISTRY_REPORT = "reports/registry.json"

@@ -151,13 +151,16 @@ def logged_params(params: Params) -> dict[str, str]:
 
 
 def display_uri(uri: str, root: str | Path = ".") -> str:
-    """``uri`` as a committed report may show it: a SQLite file inside ``root`` relative to it
-    (no path of this machine), and no credentials (``user:password@``) of a server."""
+    """``uri`` as a committed report may show it: a local store (a SQLite file, a ``file:`` URI or
+    a bare folder) inside ``root`` relative to it, elsewhere as ``.../NAME`` (no path of this
+    machine); a server without credentials (``user:password@``) or query (``?token=``)."""
     db = sqlite_path(uri)
-    if db is not None:
-        try:
-            return f"sqlite:///{db.resolve().relative_to(Path(root).resolve()).as_posix()}"
-        except ValueError:
-            return f"sqlite:///.../{db.name}"
     scheme, sep, rest = uri.partition("://")
-    return f"{scheme}{sep}{rest.split('@', 1)[-1]}" if sep else uri
+    if db is not None or scheme == "file" or not sep:
+        local = db if db is not None else Path(rest if sep else uri)
+        prefix = "sqlite:///" if db is not None else ("file:" if sep else "")
+        try:
+            return prefix + local.resolve().relative_to(Path(root).resolve()).as_posix()
+        except ValueError:
+            return f"{prefix}.../{local.name}"
+    return f"{scheme}{sep}{rest.split('@', 1)[-1].split('?', 1)[0]}"
