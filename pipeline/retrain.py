@@ -38,6 +38,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Cancelled
 from prefect.tasks import Task, exponential_backoff
 
+from contrastive.cli import plain
 from pipeline import stages
 from pipeline.report import REGISTRY_REPORT, Registration, RetrainResult, StageRun, metrics_table
 from pipeline.report import markdown as summary_markdown
@@ -276,7 +277,7 @@ def serve(project: Path, port: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.retrain",
-        description=__doc__,
+        description=plain(__doc__ or ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(

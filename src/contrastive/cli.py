@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as installed_version
+from pathlib import Path
 from typing import Any
 
 from contrastive import paths
@@ -62,6 +67,36 @@ STAGES: dict[str, tuple[Callable[[Params], dict[str, Any]], str]] = {
 }
 
 
+def plain(text: str) -> str:
+    """``text`` without reStructuredText markup (double backquotes, ``:func:`x``` roles), as
+    ``--help`` shows it in a terminal."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", lambda m: m[1].rsplit(".", 1)[-1], text)
+    return text.replace("``", "")
+
+
+def version() -> str:
+    """The installed package's version (``contrastive --version``)."""
+    try:
+        return installed_version("contrastive")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def use_store(args: argparse.Namespace) -> None:
+    """Point MLflow at the store the command names, so that it runs from any folder:
+    ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the SQLite file beside ``--params``
+    (the project's folder) instead of one in the current folder."""
+    from contrastive.store import DEFAULT_DB
+
+    uri = getattr(args, "tracking_uri", None)
+    params = getattr(args, "params", None)
+    if uri:
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+    elif not os.environ.get("MLFLOW_TRACKING_URI") and params:
+        project = Path(params).resolve().parent
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / DEFAULT_DB}"
+
+
 def _registry(args: argparse.Namespace) -> Any:
     from contrastive import registry
 
@@ -98,9 +133,13 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="contrastive", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="contrastive",
+                                     description=plain(__doc__.splitlines()[0]))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     params_help = "params file (params.yaml)"
+    store_help = ("MLflow tracking URI (default: MLFLOW_TRACKING_URI, else mlflow.db beside "
+                  "--params)")
     for name, (fn, help_text) in STAGES.items():
         stage = sub.add_parser(name, help=help_text, description=help_text)
         stage.add_argument("--params", default="params.yaml", help=params_help)
@@ -118,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     for action, help_text in commands.items():
         command = actions.add_parser(action, help=help_text, description=help_text)
         command.add_argument("--params", default="params.yaml", help=params_help)
+        command.add_argument("--tracking-uri", help=store_help)
         if action == "show":
             command.add_argument("ref", metavar="ALIAS|VERSION")
         if action == "promote":
@@ -134,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--out", required=True, help=".npy (array) or .parquet (file, embedding)")
     embed.add_argument("--batch-size", type=_positive_int, default=256)
     embed.set_defaults(run=_embed)
+    search_store = ("where models:/ names resolve: --tracking-uri, else MLFLOW_TRACKING_URI, else "
+                    "mlflow.db beside --params, else in the current folder")
 
     search = sub.add_parser("search", help="nearest gallery images to a query image",
                             description="the gallery images most similar to QUERY (cosine)")
@@ -143,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=_positive_int, default=5, help="how many results (5)")
     search.add_argument("--batch-size", type=_positive_int, default=256)
     search.set_defaults(run=_search)
+    for command in (embed, search):
+        command.add_argument("--params", help="the project's params file; " + search_store)
+        command.add_argument("--tracking-uri", help="MLflow tracking URI; " + search_store)
     return parser
 
 
@@ -152,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     yield, unless the user set ``OMP_NUM_THREADS`` / ``OMP_WAIT_POLICY``."""
     configure_threads()
     args = build_parser().parse_args(argv)
+    use_store(args)
     try:
         result = args.run(args)
     except ConfigError as exc:
