@@ -77,3 +77,15 @@ def test_tracking_uri_option_wins(elsewhere: Path, capsys: pytest.CaptureFixture
     assert main(["embed", *args, str(image), "--out", "emb.npy"]) == 2
     assert f"no MLflow store at {other}" in capsys.readouterr().err
     assert not Path("emb.npy").exists()
+
+
+@pytest.mark.parametrize("uri", ["postgresql://u:secretpw@127.0.0.1:9/mlflow",
+                                 "http://u:secretpw@127.0.0.1:9"])
+def test_a_store_that_does_not_answer_is_one_line_naming_the_setting(
+        elsewhere: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+        uri: str) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main(["registry", "list", "--params", str(elsewhere / "params.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("contrastive registry: error: MLFLOW_TRACKING_URI: ")
+    assert "127.0.0.1:9" in err[0] and "secretpw" not in err[0]
