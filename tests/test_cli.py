@@ -79,7 +79,7 @@ def test_tracking_uri_option_wins(elsewhere: Path, capsys: pytest.CaptureFixture
     assert not Path("emb.npy").exists()
 
 
-@pytest.mark.parametrize("uri", ["postgresql://u:secretpw@127.0.0.1:9/mlflow",
+@pytest.mark.parametrize("uri", ["postgresql+psycopg2://u:secretpw@127.0.0.1:9/mlflow",
                                  "http://u:secretpw@127.0.0.1:9"])
 def test_a_store_that_does_not_answer_is_one_line_naming_the_setting(
         elsewhere: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
@@ -89,3 +89,4 @@ def test_a_store_that_does_not_answer_is_one_line_naming_the_setting(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("contrastive registry: error: MLFLOW_TRACKING_URI: ")
     assert "127.0.0.1:9" in err[0] and "secretpw" not in err[0]
+    assert "No module named" not in err[0]  # the driver is there: the server is not
