@@ -267,7 +267,7 @@ def probe_stage(
     metrics_path: str | Path = paths.PROBE_METRICS,
     confusion_path: str | Path = paths.CONFUSION,
     embedding_plot: str | Path = paths.EMBEDDING_PLOT,
-    confusion_plot: str | Path = paths.CONFUSION_PLOT,
+    confusion_plot: str | Path | None = None,
 ) -> dict:
     """Evaluate the pretrained encoder against a random-init encoder and raw pixels.
 
@@ -310,7 +310,8 @@ def probe_stage(
     }
     save_probe(probe_path, probe)
     _write_confusion(confusion_path, pretrained.y_test, predictions, classes)
-    plot_confusion(confusion_path, classes, confusion_plot)
+    plot_confusion(confusion_path, classes, confusion_plot or paths.companion(
+        confusion_path, paths.CONFUSION, paths.CONFUSION_PLOT, ".png"))
     plot_embedding(
         embedding_plot, pretrained.test, pretrained.y_test, classes, params.seed,
         params.probe.tsne_points,

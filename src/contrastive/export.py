@@ -60,7 +60,7 @@ def export_encoder(
     onnx_path: str | Path,
     metrics_path: str | Path,
     cfg: ExportConfig,
-    report_path: str | Path = paths.EXPORT_REPORT,
+    report_path: str | Path | None = None,
 ) -> dict:
     """Export the saved encoder to ONNX, check it against torch, time both, write the metrics
     (parity and the file: numbers that describe the model) and the report (the exporter, the
@@ -109,6 +109,8 @@ def export_encoder(
     }
     if fallback_reason:
         report["dynamo_error"] = fallback_reason
+    report_path = report_path or paths.companion(metrics_path, paths.EXPORT_METRICS,
+                                                 paths.EXPORT_REPORT, ".report.json")
     write_json(report_path, report)
     write_json(metrics_path, metrics)
     return {**metrics, **report}

@@ -10,6 +10,8 @@ flow, the register stage and the tests all take them from here.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 PREPARED = "data/prepared"
 MANIFEST = f"{PREPARED}/manifest.json"
 
@@ -32,3 +34,14 @@ EXPORT_METRICS = "metrics/export.json"
 EXPORT_REPORT = "reports/export.json"
 
 REGISTRY_REPORT = "reports/registry.json"
+
+
+def companion(given: str | Path, default: str, companion_of_default: str, suffix: str) -> str:
+    """Where a stage writes an output that follows from another one: the standard path
+    ``companion_of_default`` when ``given`` is the standard ``default``, else beside ``given``
+    (its stem + ``suffix``), so that a bench or test writing to a temporary folder never writes
+    into the project."""
+    if str(given) == default:
+        return companion_of_default
+    given = Path(given)
+    return str(given.with_name(given.stem + suffix))

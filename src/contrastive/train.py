@@ -247,8 +247,8 @@ def pretrain(
     metrics_path: str | Path = paths.PRETRAIN_METRICS,
     history_path: str | Path = paths.PRETRAIN_HISTORY,
     knn_path: str | Path = paths.KNN_HISTORY,
-    report_path: str | Path = paths.PRETRAIN_REPORT,
-    plot_path: str | Path = paths.TRAINING_PLOT,
+    report_path: str | Path | None = None,
+    plot_path: str | Path | None = None,
     callbacks: Sequence[Callback] = (),
     stop_after_epoch: int | None = None,
 ) -> dict[str, Any]:
@@ -257,6 +257,8 @@ def pretrain(
     each atomically: a failed or killed run leaves the previous ones in place. Returns the metrics
     and the report in one mapping.
 
+    ``report_path`` and ``plot_path`` default to the project's when ``metrics_path`` and
+    ``history_path`` are, else to files beside them (:func:`paths.companion`).
     ``callbacks`` run after the stage's own (kNN monitor, progress, checkpoint).
     ``stop_after_epoch`` ends the run after that epoch's checkpoint, as a kill would.
     """
@@ -303,6 +305,10 @@ def pretrain(
     extra = ["temperature"] if "temperature" in state.history[-1] else []
     _write_csv(history_path, state.history, ["epoch", "loss", "lr", "images_per_s", *extra])
     _write_csv(knn_path, [r for r in state.history if "knn_top1" in r], ["epoch", "knn_top1"])
+    report_path = report_path or paths.companion(metrics_path, paths.PRETRAIN_METRICS,
+                                                 paths.PRETRAIN_REPORT, ".report.json")
+    plot_path = plot_path or paths.companion(history_path, paths.PRETRAIN_HISTORY,
+                                             paths.TRAINING_PLOT, ".png")
     plot_training(history_path, knn_path, plot_path)
     write_json(report_path, report)
     write_json(metrics_path, metrics)
