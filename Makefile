@@ -11,7 +11,8 @@ UV := $(shell command -v uv 2>/dev/null || echo $(BOOTSTRAP)/bin/uv)
 VENV := .venv/.installed
 UI_PORT ?= 5000
 
-.PHONY: run test lint repro metrics plots clean retrain serve ui bench bench-quality
+.PHONY: run test test-services postgres remote lint repro metrics plots clean retrain serve ui bench \
+	bench-quality
 
 run: $(VENV)  ## run the whole pipeline on params.yaml and show the metrics
 	$(UV) run --frozen --no-sync dvc repro
@@ -20,6 +21,25 @@ run: $(VENV)  ## run the whole pipeline on params.yaml and show the metrics
 test: $(VENV)  ## lint, then run the test suite
 	$(UV) run --frozen --no-sync ruff check src tests pipeline bench
 	$(UV) run --frozen --no-sync pytest
+
+# PostgreSQL, an S3 server (moto), MLflow and Prefect servers, each started by the tests on
+# 127.0.0.1 (tests/test_services.py); installs Debian's postgresql first if it is missing.
+test-services: $(VENV) postgres  ## the tests against real servers (not part of `make test`)
+	$(UV) run --frozen --no-sync pytest -m services
+
+postgres:  ## install Debian's PostgreSQL server if initdb is missing (needs root or sudo)
+	@if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; \
+	then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+			postgresql; \
+	fi
+
+remote: $(VENV)  ## make DVC_REMOTE_URL (s3://BUCKET/PATH) the default DVC remote; S3_ENDPOINT for MinIO
+	@test -n "$(DVC_REMOTE_URL)" || { echo "make remote: set DVC_REMOTE_URL=s3://BUCKET/PATH" >&2; exit 2; }
+	$(UV) run --frozen --no-sync dvc remote add --default --force storage $(DVC_REMOTE_URL)
+	$(if $(S3_ENDPOINT),$(UV) run --frozen --no-sync dvc remote modify storage endpointurl $(S3_ENDPOINT))
 
 lint: $(VENV)
 	$(UV) run --frozen --no-sync ruff check src tests pipeline bench
@@ -52,7 +72,7 @@ $(BOOTSTRAP)/bin/uv:
 	$(BOOTSTRAP)/bin/pip install --quiet --disable-pip-version-check uv
 
 $(VENV): pyproject.toml uv.lock | $(UV)
-	$(UV) sync --frozen --compile-bytecode
+	$(UV) sync --frozen --compile-bytecode --group services
 	@touch $@
 
 clean:  ## remove pipeline outputs (keeps the DVC cache and the environment)

@@ -32,12 +32,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.exceptions import CancelledRun
+from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run, task_run
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Cancelled
 from prefect.tasks import Task, exponential_backoff
 
+from contrastive.cli import plain
 from pipeline import stages
 from pipeline.report import REGISTRY_REPORT, Registration, RetrainResult, StageRun, metrics_table
 from pipeline.report import markdown as summary_markdown
@@ -175,26 +177,38 @@ def _run_pipeline(
     """The flow's body, inside the workspace lock: publishes the summary even if a stage fails."""
     started = time.monotonic()
     bounded = {"timeout_seconds": settings.stage_timeout_s}
-    overrides = set_params.with_options(**bounded)(root, params) if params else []
-    refreshed = refresh_data.with_options(**bounded)(root) if refresh else None
+    # Each task waits for the one before it (wait_for): the run's task graph shows the order.
+    upstream: list[PrefectFuture[Any]] = []
+    overrides: list[str] = []
+    refreshed = None
+    if params:
+        upstream = [set_params.with_options(**bounded).submit(root, params)]
+        overrides = upstream[0].result()
+    if refresh:
+        upstream = [refresh_data.with_options(**bounded).submit(root, wait_for=upstream)]
+        refreshed = upstream[0].result()
     runs: list[StageRun] = []
     failure: Exception | None = None
     for index, stage in enumerate(stages.stage_names(root)):
         stage_started = time.monotonic()
+        future = _stage_task(stage, settings).submit(root, stage, force=refresh and index == 0,
+                                                     wait_for=upstream)
         try:
-            runs.append(_stage_task(stage, settings)(root, stage, force=refresh and index == 0))
+            runs.append(future.result())
         except Exception as exc:
             seconds = round(time.monotonic() - stage_started, 1)
-            runs.append(StageRun(stage, "failed", seconds, attempts=None, error=str(exc)))
+            runs.append(StageRun(stage, "failed", seconds, attempts=None, error=one_line(exc)))
             failure = exc
             break
+        upstream = [future]
     experiment = None
     if overrides and failure is None:
         # A run that trained and registered stays Completed if only its record fails: the
         # task shows as Failed and the summary says the run was not saved as an experiment.
         name = f"retrain-{flow_run.name}" if flow_run.name else "retrain"
-        saved = save_experiment.with_options(**bounded)(root, name, return_state=True)
-        experiment = saved.result() if saved.is_completed() else None
+        saved = save_experiment.with_options(**bounded).submit(root, name, wait_for=upstream)
+        saved.wait()
+        experiment = saved.result() if saved.state.is_completed() else None
     result = RetrainResult(
         stages=runs,
         metrics=stages.read_metrics(root),
@@ -208,6 +222,12 @@ def _run_pipeline(
     if failure is not None:
         raise failure
     return result
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an error, as the summary's stage table shows it."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def publish(result: RetrainResult) -> None:
@@ -276,7 +296,7 @@ def serve(project: Path, port: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.retrain",
-        description=__doc__,
+        description=plain(__doc__ or ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(

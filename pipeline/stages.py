@@ -33,6 +33,9 @@ PROGRESS_INTERVAL_S = "30"
 
 Logger = logging.Logger | logging.LoggerAdapter
 
+STAGE_ERROR = re.compile(r"contrastive [\w-]+: (error|failed): ")
+"""The one line a stage command prints when it stops (cli.main)."""
+
 
 class DvcFailed(RuntimeError):
     """A DVC command failed. ``exit_status`` is the stage command's status when DVC reports one
@@ -167,7 +170,10 @@ def run_dvc(args: list[str], project: Path, logger: Logger) -> str:
     if status != 0:
         error = next((ln for ln in reversed(lines) if ln.startswith("ERROR")), f"exit {status}")
         exited = re.search(r"exited with (\d+)", error)
-        raise DvcFailed(f"dvc {' '.join(args)}: {error}", int(exited[1]) if exited else None)
+        # the stage command's own line says what is wrong (the key, the file); DVC's says less
+        stage_error = next((ln for ln in reversed(lines) if STAGE_ERROR.match(ln)), None)
+        raise DvcFailed(f"dvc {' '.join(args)}: {stage_error or error}",
+                        int(exited[1]) if exited else None)
     return "\n".join(lines)
 
 

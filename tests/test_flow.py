@@ -18,7 +18,12 @@ import pytest
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
 from prefect.client.schemas.objects import State
 from prefect.settings import PREFECT_API_URL
 from prefect.states import Failed
@@ -36,6 +41,8 @@ from pipeline.retrain import (
 )
 from pipeline.settings import Settings
 from tests.conftest import ROOT, make_dvc_project
+
+STAGE_NAMES = ("prepare", "pretrain", "probe", "export", "register")
 
 # `contrastive`, except that the first pretraining stops after its first epoch's checkpoint and
 # exits 1, as a killed worker would. Put first on PATH for the first run only.
@@ -158,6 +165,44 @@ def test_params_overrides_are_applied_as_a_dvc_experiment(
     assert yaml.safe_load((project / "params.yaml").read_text())["train"]["epochs"] == 2
 
 
+def test_the_task_graph_runs_the_stages_in_order(first_run: tuple[State, str]) -> None:
+    """Each stage's task waits for the one before it: the run's graph has an edge per step."""
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[
+                first_run[0].state_details.flow_run_id])))
+    # stage tasks are named after their stage; the others "set_params-<suffix>"
+    by_id = {run.id: run.name if run.name in STAGE_NAMES else run.name.rsplit("-", 1)[0]
+             for run in tasks}
+    latest = {by_id[run.id]: run for run in tasks}
+    order = [name for name in STAGE_NAMES if name in latest]
+    assert order == list(STAGE_NAMES)
+    for before, after in zip(order, order[1:], strict=False):
+        waits = [by_id.get(i.id) for i in latest[after].task_inputs.get("wait_for", [])]
+        assert waits == [before], (after, waits)
+    first = [by_id.get(i.id) for i in latest[order[0]].task_inputs.get("wait_for", [])]
+    assert first == ["set_params"]  # the overrides come first
+
+
+def test_a_failed_stage_fails_the_run_with_its_error_in_the_summary(project: Path) -> None:
+    params_file = project / "params.yaml"
+    good = params_file.read_text()
+    params = yaml.safe_load(good)
+    params["train"]["lr"] = -1  # pretrain refuses it: exit 2, not retried
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        state = retrain(project=str(project), return_state=True)
+    finally:
+        params_file.write_text(good)
+    assert state.is_failed()
+    summary, _ = _artifacts(state.state_details.flow_run_id)
+    assert summary.startswith("# Retrain: failed in stage pretrain\n")
+    (row,) = [line for line in summary.splitlines() if line.startswith("| pretrain |")]
+    assert ("| pretrain | failed: dvc repro pretrain: contrastive pretrain: error: params.yaml: "
+            "train.lr: " in row)
+    assert "| probe |" not in summary  # nothing after the failed stage ran
+
+
 def test_second_run_is_up_to_date_and_registers_nothing(
     first_run: tuple[State, str], project: Path
 ) -> None:
@@ -219,6 +264,20 @@ def test_prefect_yaml_deploys_with_the_schedule_of_params_yaml(project: Path) ->
     assert deployment.pull_steps == [
         {"prefect.deployments.steps.set_working_directory": {"directory": str(project)}}
     ]
+
+    # a run of the deployment, picked up and run by a process worker
+    with get_client(sync_client=True) as client:
+        flow_run = client.create_flow_run_from_deployment(deployment.id)
+    worker = [sys.executable, "-m", "prefect", "worker", "start", "--pool",
+              "contrastive-process", "--run-once"]
+    done = subprocess.run(worker, cwd=project, env=env, capture_output=True, text=True,
+                          check=False, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with get_client(sync_client=True) as client:
+        finished = client.read_flow_run(flow_run.id)
+    assert finished.state is not None and finished.state.is_completed(), done.stdout
+    summary, _ = _artifacts(flow_run.id)
+    assert summary.startswith("# Retrain: up to date")
 
 
 def test_a_stage_that_rejects_its_params_or_data_is_not_retried() -> None:

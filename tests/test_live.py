@@ -37,10 +37,10 @@ def losses(run_id: str) -> list[tuple[int, float]]:
 
 def test_pretrain_logs_each_epoch_while_it_trains(tracked: Path) -> None:
     assert main(["pretrain"]) == 0
-    metrics = json.loads(Path("metrics/pretrain.json").read_text())
+    report = json.loads(Path("reports/pretrain.json").read_text())
     (run,) = runs()
     assert run.info.status == "FINISHED"
-    assert run.data.tags[LIVE_TAG] == metrics["params_hash"]
+    assert run.data.tags[LIVE_TAG] == report["params_hash"]
     assert run.data.params["train.method"] == "simclr"
     csv_rows = Path("plots/pretrain.csv").read_text().splitlines()[1:]
     expected = [(int(r.split(",")[0]), float(r.split(",")[1])) for r in csv_rows]
@@ -86,7 +86,7 @@ def test_register_adopts_the_live_run(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = store.connect()
     experiment = store.ensure_experiment(client, "contrastive", store.tracking_uri())
-    key = json.loads(Path("metrics/pretrain.json").read_text())["params_hash"]
+    key = json.loads(Path("reports/pretrain.json").read_text())["params_hash"]
     with mlflow.start_run(experiment_id=experiment, tags={LIVE_TAG: key}) as pretraining:
         for epoch, loss in ((1, 5.0), (2, 4.5), (3, 4.2)):
             mlflow.log_metric("train/loss", loss, step=epoch)

@@ -36,7 +36,9 @@ def test_all_stages_produce_their_outputs(workspace: Path, capsys: pytest.Captur
         assert (workspace / path).is_file(), path
 
     pretrain = json.loads(Path("metrics/pretrain.json").read_text())
-    assert pretrain["epochs"] == 3 and pretrain["device"] == "cpu"
+    report = json.loads(Path("reports/pretrain.json").read_text())
+    assert pretrain["epochs"] == 3 and report["device"] == "cpu" and report["method"] == "simclr"
+    assert report["images_per_s"] > 0 and report["collapse_reason"] is None
     assert pretrain["collapsed"] is False and 0.1 < pretrain["embedding_spread"] <= 2**0.5
     history = Path("plots/pretrain.csv").read_text().splitlines()
     assert history[0] == "epoch,loss,lr,images_per_s" and len(history) == 4
@@ -58,6 +60,29 @@ def test_all_stages_produce_their_outputs(workspace: Path, capsys: pytest.Captur
 
     export = json.loads(Path("metrics/export.json").read_text())
     assert export["max_abs_diff"] <= 1e-4 and export["prediction_agreement"] == 1.0
+    assert set(json.loads(Path("reports/export.json").read_text())["latency_ms"]) == {
+        "ort_b1", "torch_b1", "ort_b256", "torch_b256"}
+    for plot in ("plots/training.png", "plots/confusion.png"):
+        assert Path(plot).read_bytes().startswith(b"\x89PNG"), plot
+
+
+def _leaves(value: object) -> list[object]:
+    if isinstance(value, dict):
+        return [leaf for item in value.values() for leaf in _leaves(item)]
+    return [value]
+
+
+def test_metrics_files_hold_only_numbers(workspace: Path) -> None:
+    """What `dvc metrics diff` and `dvc exp show` compare: numbers (and flags), never text or
+    timings; those are in reports/."""
+    for stage in STAGES:
+        assert main([stage]) == 0, stage
+    for stage in ("pretrain", "probe", "export"):
+        metrics = json.loads(Path(f"metrics/{stage}.json").read_text())
+        for leaf in _leaves(metrics):
+            assert leaf is None or isinstance(leaf, int | float), (stage, leaf)
+        timings = {"images_per_s", "latency_ms", "export_seconds", "speedup_b1", "threads"}
+        assert not timings & set(metrics), stage
 
 
 def test_same_seed_same_result_and_resume_matches(workspace: Path) -> None:

@@ -12,8 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as installed_version
+from pathlib import Path
 from typing import Any
 
 from contrastive import paths
@@ -71,6 +75,36 @@ STAGES: dict[str, tuple[Callable[[Params], dict[str, Any]], str]] = {
     "export": (_export, "export the encoder to ONNX and check it with onnxruntime"),
     "register": (_register, "log the run to MLflow, register the model, apply the promotion gate"),
 }
+
+
+def plain(text: str) -> str:
+    """``text`` without reStructuredText markup (double backquotes, ``:func:`x``` roles), as
+    ``--help`` shows it in a terminal."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", lambda m: m[1].rsplit(".", 1)[-1], text)
+    return text.replace("``", "")
+
+
+def version() -> str:
+    """The installed package's version (``contrastive --version``)."""
+    try:
+        return installed_version("contrastive")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def use_store(args: argparse.Namespace) -> None:
+    """Point MLflow at the store the command names, so that it runs from any folder:
+    ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the SQLite file beside ``--params``
+    (the project's folder) instead of one in the current folder."""
+    from contrastive.store import DEFAULT_DB
+
+    uri = getattr(args, "tracking_uri", None)
+    params = getattr(args, "params", None)
+    if uri:
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+    elif not os.environ.get("MLFLOW_TRACKING_URI") and params:
+        project = Path(params).resolve().parent
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / DEFAULT_DB}"
 
 
 def _registry(args: argparse.Namespace) -> Any:
@@ -132,9 +166,13 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="contrastive", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="contrastive",
+                                     description=plain(__doc__.splitlines()[0]))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     params_help = "params file (params.yaml)"
+    store_help = ("MLflow tracking URI (default: MLFLOW_TRACKING_URI, else mlflow.db beside "
+                  "--params)")
     for name, (fn, help_text) in STAGES.items():
         stage = sub.add_parser(name, help=help_text, description=help_text)
         stage.add_argument("--params", default="params.yaml", help=params_help)
@@ -155,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     for action, help_text in commands.items():
         command = actions.add_parser(action, help=help_text, description=help_text)
         command.add_argument("--params", default="params.yaml", help=params_help)
+        command.add_argument("--tracking-uri", help=store_help)
         if action == "show":
             command.add_argument("ref", metavar="ALIAS|VERSION")
         if action == "promote":
@@ -171,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--out", required=True, help=".npy (array) or .parquet (file, embedding)")
     embed.add_argument("--batch-size", type=_positive_int, default=256)
     embed.set_defaults(run=_embed)
+    search_store = ("where models:/ names resolve: --tracking-uri, else MLFLOW_TRACKING_URI, else "
+                    "mlflow.db beside --params, else in the current folder")
 
     index = sub.add_parser("index", help="gallery indexes published with a model")
     index_actions = index.add_subparsers(dest="action", required=True)
@@ -213,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     anomaly.add_argument("--json", action="store_true", help="JSON instead of a table")
     anomaly.add_argument("--batch-size", type=_positive_int, default=256)
     anomaly.set_defaults(run=_anomaly)
+    for command in (embed, search, build, anomaly):
+        command.add_argument("--params", help="the project's params file; " + search_store)
+        command.add_argument("--tracking-uri", help="MLflow tracking URI; " + search_store)
     return parser
 
 
@@ -225,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     # one of torchrun's processes: rank 0 speaks for all of them (they share params and, through
     # the all-reduced loss, the same errors); a process that fails alone says so itself
     main_rank = os.environ.get("RANK", "0") == "0"
+    use_store(args)
     try:
         result = args.run(args)
     except ConfigError as exc:

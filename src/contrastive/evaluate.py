@@ -26,6 +26,7 @@ from contrastive.config import ModelConfig, Params
 from contrastive.data import load_manifest, load_split
 from contrastive.files import atomic_path, write_json
 from contrastive.models import LinearProbe, Preprocess, build_encoder, load_encoder, save_probe
+from contrastive.plots import plot_confusion
 from contrastive.runtime import resolve_device
 
 
@@ -284,6 +285,7 @@ def probe_stage(
     confusion_path: str | Path = paths.CONFUSION,
     embedding_plot: str | Path = paths.EMBEDDING_PLOT,
     anomaly_plot: str | Path = paths.ANOMALY_PLOT,
+    confusion_plot: str | Path | None = None,
 ) -> dict:
     """Evaluate the pretrained encoder against a random-init encoder and raw pixels.
 
@@ -336,6 +338,8 @@ def probe_stage(
     }
     save_probe(probe_path, probe)
     _write_confusion(confusion_path, pretrained.y_test, predictions, classes)
+    plot_confusion(confusion_path, classes, confusion_plot or paths.companion(
+        confusion_path, paths.CONFUSION, paths.CONFUSION_PLOT, ".png"))
     plot_embedding(
         embedding_plot, pretrained.test, pretrained.y_test, classes, params.seed,
         params.probe.tsne_points,

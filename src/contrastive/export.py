@@ -27,6 +27,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from contrastive import paths
 from contrastive.config import ConfigError, ExportConfig, StageFailed
 from contrastive.data import load_split
 from contrastive.files import atomic_path, write_json
@@ -59,12 +60,16 @@ def export_encoder(
     onnx_path: str | Path,
     metrics_path: str | Path,
     cfg: ExportConfig,
+    report_path: str | Path | None = None,
 ) -> dict:
-    """Export the saved encoder to ONNX, check it against torch, time both, write the metrics.
+    """Export the saved encoder to ONNX, check it against torch, time both, write the metrics
+    (parity and the file: numbers that describe the model) and the report (the exporter, the
+    timings and the threads they ran on: they change from run to run). Returns both in one
+    mapping.
 
     Raises :class:`~contrastive.config.ConfigError` for missing or mismatched inputs (before any
     work) and :class:`ExportCheckError` when onnxruntime disagrees with torch; in both cases
-    neither ``onnx_path`` nor ``metrics_path`` is touched.
+    none of ``onnx_path``, ``metrics_path`` and ``report_path`` is touched.
     """
     for path in (encoder_path, probe_path):
         if not Path(path).is_file():
@@ -93,6 +98,8 @@ def export_encoder(
         "n_test": len(images),
         "onnx_file_bytes": onnx_file_bytes,
         "opset": opset,
+    }
+    report: dict[str, Any] = {
         "exporter": exporter,
         "export_seconds": round(export_seconds, 2),
         "threads": torch.get_num_threads(),
@@ -101,9 +108,12 @@ def export_encoder(
         "speedup_b256": round(latency["torch_b256"] / latency["ort_b256"], 2),
     }
     if fallback_reason:
-        metrics["dynamo_error"] = fallback_reason
+        report["dynamo_error"] = fallback_reason
+    report_path = report_path or paths.companion(metrics_path, paths.EXPORT_METRICS,
+                                                 paths.EXPORT_REPORT, ".report.json")
+    write_json(report_path, report)
     write_json(metrics_path, metrics)
-    return metrics
+    return {**metrics, **report}
 
 
 def _check_inputs(info: EncoderInfo, probe: LinearProbe, images: np.ndarray,

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,12 @@ from contrastive.config import ConfigError, Params, StageFailed, flatten
 DEFAULT_DB = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 LOCK_TIMEOUT_S = 600
+SERVER_ATTEMPTS = 3
+REFUSED_CREDENTIALS = ("password authentication failed", "Access denied for user")
+"""What PostgreSQL and MySQL say when a database store's URI has a wrong user or password: a
+setting to fix (exit 2), not a failure to retry."""
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
+"""Tracking URIs that name a database server (``postgresql://`` or ``postgresql+psycopg2://``)."""
 
 
 class TrackingError(StageFailed):
@@ -62,10 +69,62 @@ def connect(uri: str | None = None, must_exist: bool = False) -> Any:
         raise ConfigError(
             f"no MLflow store at {db}; run the pipeline first (make run) or set MLFLOW_TRACKING_URI"
         )
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
+    elif uri.startswith(DATABASE_SCHEMES):
+        check_database(uri)
     logging.getLogger("alembic").setLevel(logging.WARNING)  # schema-migration chatter
     mlflow.set_tracking_uri(uri)
     with mlflow_errors("opening the MLflow store", uri):
         return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def check_server(uri: str, attempts: int = SERVER_ATTEMPTS, wait_s: float = 2.0) -> None:
+    """Fail fast, with one line naming ``MLFLOW_TRACKING_URI``, when no server answers at ``uri``.
+
+    MLflow's client would retry a refused connection for minutes before failing. A server that
+    answers at all (even 401 without credentials) passes; one that is only slow gets
+    ``attempts`` tries of 10 s each, ``wait_s`` apart. Nothing is written before this check.
+    """
+    import requests
+
+    error: Exception | None = None
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(wait_s)
+        try:
+            requests.get(f"{uri.rstrip('/')}/health", timeout=10)
+            return
+        except requests.RequestException as exc:
+            error = exc
+    assert error is not None
+    raise ConfigError(
+        f"MLFLOW_TRACKING_URI: no MLflow server answers at {display_uri(uri)} after {attempts} "
+        f"tries ({first_line(error, 120)}); start the server or fix the URI"
+    )
+
+
+def check_database(uri: str) -> None:
+    """Fail at once, with one line naming ``MLFLOW_TRACKING_URI`` and no password, when the
+    database of a ``postgresql://`` (or MySQL, SQL Server) store refuses the connection: MLflow
+    itself would retry for about 100 s and print each attempt's traceback."""
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(uri)
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
+        raise ConfigError(f"MLFLOW_TRACKING_URI: {display_uri(uri)}: {first_line(exc)}") from None
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        cause = str(getattr(exc, "orig", exc) or exc).strip().splitlines()
+        why = ("refused its user or password" if any(s in str(exc) for s in REFUSED_CREDENTIALS)
+               else f"cannot be reached ({cause[0] if cause else type(exc).__name__})")
+        raise ConfigError(f"MLFLOW_TRACKING_URI: the store at {display_uri(uri)} {why}; fix the "
+                          "URI or its credentials") from None
+    finally:
+        engine.dispose()
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:
@@ -91,6 +150,11 @@ def mlflow_errors(action: str, uri: str | None = None) -> Iterator[None]:
         raise
     except (MlflowException, requests.RequestException, sqlalchemy.exc.SQLAlchemyError,
             OSError) as exc:
+        if any(sign in str(exc) for sign in REFUSED_CREDENTIALS):
+            raise ConfigError(
+                f"MLFLOW_TRACKING_URI: the store at {display_uri(uri or tracking_uri())} refused "
+                "its user or password; fix the credentials in the URI (or the environment)"
+            ) from None
         raise TrackingError(
             f"{action} failed at {uri or tracking_uri()}: {first_line(exc)}. The pipeline's "
             "files are intact. Fix the store (server up? SQLite file free?) and retry; "
@@ -151,13 +215,16 @@ def logged_params(params: Params) -> dict[str, str]:
 
 
 def display_uri(uri: str, root: str | Path = ".") -> str:
-    """``uri`` as a committed report may show it: a SQLite file inside ``root`` relative to it
-    (no path of this machine), and no credentials (``user:password@``) of a server."""
+    """``uri`` as a committed report may show it: a local store (a SQLite file, a ``file:`` URI or
+    a bare folder) inside ``root`` relative to it, elsewhere as ``.../NAME`` (no path of this
+    machine); a server without credentials (``user:password@``) or query (``?token=``)."""
     db = sqlite_path(uri)
-    if db is not None:
-        try:
-            return f"sqlite:///{db.resolve().relative_to(Path(root).resolve()).as_posix()}"
-        except ValueError:
-            return f"sqlite:///.../{db.name}"
     scheme, sep, rest = uri.partition("://")
-    return f"{scheme}{sep}{rest.split('@', 1)[-1]}" if sep else uri
+    if db is not None or scheme == "file" or not sep:
+        local = db if db is not None else Path(rest if sep else uri)
+        prefix = "sqlite:///" if db is not None else ("file:" if sep else "")
+        try:
+            return prefix + local.resolve().relative_to(Path(root).resolve()).as_posix()
+        except ValueError:
+            return f"{prefix}.../{local.name}"
+    return f"{scheme}{sep}{rest.split('@', 1)[-1].split('?', 1)[0]}"

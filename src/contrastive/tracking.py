@@ -40,18 +40,26 @@ INPUTS = {
     "pretrain": paths.PRETRAIN_METRICS,
     "probe": paths.PROBE_METRICS,
     "export": paths.EXPORT_METRICS,
+    "pretrain_report": paths.PRETRAIN_REPORT,
+    "export_report": paths.EXPORT_REPORT,
     "history": paths.PRETRAIN_HISTORY,
     "knn": paths.KNN_HISTORY,
     "confusion": paths.CONFUSION,
     "embedding": paths.EMBEDDING_PLOT,
     "anomaly": paths.ANOMALY_PLOT,
+    "training_plot": paths.TRAINING_PLOT,
+    "confusion_plot": paths.CONFUSION_PLOT,
 }
 # The inputs logged as run artifacts (the models go in as MLflow models), and the recipe files
 # logged under recipe/ when present.
 ARTIFACTS = (
-    "manifest", "pretrain", "probe", "export", "history", "knn", "confusion", "embedding",
-    "anomaly",
+    "manifest", "pretrain", "probe", "export", "pretrain_report", "export_report", "history",
+    "knn", "confusion", "embedding", "anomaly", "training_plot", "confusion_plot",
 )
+STAGE_FILES = ("pretrain", "probe", "export")
+"""The stages whose metrics (``metrics/<stage>.json``) the register stage reads."""
+REPORTED = ("pretrain", "export")
+"""The stages whose report (``reports/<stage>.json``: timings, device, text) it reads too."""
 RECIPE_FILES = ("params.yaml", "dvc.yaml", "dvc.lock")
 
 STATE_TAG = "pipeline_state"
@@ -74,7 +82,8 @@ class Snapshot:
 
     params: Params
     manifest: dict[str, Any]
-    metrics: dict[str, dict[str, Any]]  # stage -> its metrics JSON
+    metrics: dict[str, dict[str, Any]]  # stage -> its metrics JSON (numbers only)
+    reports: dict[str, dict[str, Any]]  # stage -> its report JSON (timings, device, text)
     history: list[dict[str, float]]  # one row per epoch: loss, lr, images_per_s[, knn_top1]
     state_key: str
     tags: dict[str, str]
@@ -88,10 +97,10 @@ class Snapshot:
     @property
     def collapse(self) -> str | None:
         """Why pretraining flagged the representation as collapsed, or None."""
-        pretrain = self.metrics["pretrain"]
-        if not pretrain.get("collapsed"):
+        if not self.metrics["pretrain"].get("collapsed"):
             return None
-        return str(pretrain.get("collapse_reason") or "flagged in metrics/pretrain.json")
+        reason = self.reports["pretrain"].get("collapse_reason")
+        return str(reason or f"flagged in {paths.PRETRAIN_METRICS}")
 
     @property
     def parity_ok(self) -> bool:
@@ -111,24 +120,23 @@ def read_snapshot(params: Params, root: str | Path = ".") -> Snapshot:
     if missing:
         raise ConfigError(f"{missing[0]}: not found; run the stages before register (dvc repro)")
     manifest = json.loads((root / INPUTS["manifest"]).read_text())
-    metrics = {
-        stage: json.loads((root / INPUTS[stage]).read_text())
-        for stage in ("pretrain", "probe", "export")
-    }
+    metrics = {stage: json.loads((root / INPUTS[stage]).read_text()) for stage in STAGE_FILES}
+    reports = {stage: json.loads((root / INPUTS[f"{stage}_report"]).read_text())
+               for stage in REPORTED}
     history = _read_history(root / INPUTS["history"], root / INPUTS["knn"])
     key = state_key(params, manifest, metrics, root)
 
-    device = metrics["pretrain"].get("device", "unknown")
+    device = reports["pretrain"].get("device", "unknown")
     tags = {
         STATE_TAG: key,
         "params_hash": params_hash(params),
         "data_hash": str(manifest.get("data_hash", "unknown")),
         "data_source": str(manifest.get("source", "unknown")),
-        "device": f"{device} ({metrics['pretrain'].get('precision', 'unknown')})",
+        "device": f"{device} ({reports['pretrain'].get('precision', 'unknown')})",
         **git_state(root),
         **dvc_lock_hashes(root / "dvc.lock"),
     }
-    return Snapshot(params, manifest, metrics, history, key, tags)
+    return Snapshot(params, manifest, metrics, reports, history, key, tags)
 
 
 def state_key(params: Params, manifest: dict[str, Any], metrics: dict[str, dict[str, Any]],
@@ -226,7 +234,7 @@ def find_or_log_run(client: Any, experiment_id: str, snapshot: Snapshot,
 
 def live_run(client: Any, experiment_id: str, snapshot: Snapshot) -> Any | None:
     """The finished live run of this pretraining that this state can adopt, if any."""
-    key = snapshot.metrics["pretrain"].get("params_hash")
+    key = snapshot.reports["pretrain"].get("params_hash")
     if not key:
         return None
     params = logged_params(snapshot.params)
@@ -286,14 +294,15 @@ def log_pipeline_run(experiment_id: str, snapshot: Snapshot, root: str | Path = 
 
 
 def final_metrics(snapshot: Snapshot) -> dict[str, float]:
-    """Every number of the stages' metrics files, flattened: ``probe.pretrained.linear_top1``.
+    """Every number of the stages' metrics and reports, flattened: ``probe.pretrained.linear_top1``,
+    ``export.latency_ms.ort_b1``. The timings that DVC does not compare are kept in MLflow.
 
     Characters MLflow refuses in a metric name (class names are keys of the per-class anomaly
     table, and an image folder's class may be called anything) become ``_``.
     """
     flat = {}
-    for stage, metrics in snapshot.metrics.items():
-        for key, value in flatten(metrics, f"{stage}.").items():
+    for stage, values in [*snapshot.metrics.items(), *snapshot.reports.items()]:
+        for key, value in flatten(values, f"{stage}.").items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 flat[re.sub(r"[^\w./\- ]", "_", key)] = float(value)
     return flat
@@ -407,13 +416,13 @@ def model_card(snapshot: Snapshot, run_id: str) -> str:
     """A Markdown card: what the model is, what it was trained on, how good it is, how to use it."""
     p, m, metrics = snapshot.params, snapshot.manifest, snapshot.metrics
     probe, export = metrics["probe"], metrics["export"]
+    latency = snapshot.reports["export"].get("latency_ms", {})
     rows = "\n".join(
         f"| {name} | {probe[key]['linear_top1']:.4f} | {probe[key]['knn_top1']:.4f} |"
         for name, key in (("pretrained", "pretrained"), ("random init", "random_init"),
                           ("raw pixels", "raw_pixels"))
         if key in probe
     )
-    latency = export.get("latency_ms", {})
     tags, size, classes = snapshot.tags, m.get("image_size"), m.get("classes", [])
     return f"""# {p.registry.model_name}
 

@@ -46,6 +46,7 @@ from contrastive.files import atomic_path, write_json
 from contrastive.methods import build
 from contrastive.models import EncoderInfo, build_encoder, save_encoder
 from contrastive.optim import build_optimizer, lr_at, scaled_lr
+from contrastive.plots import plot_training
 from contrastive.runtime import resolve_device, resolve_precision, seed_everything
 
 __all__ = ["TrainingDivergedError", "fit", "pretrain"]
@@ -261,8 +262,11 @@ def build_run(
 
 def summarize(
     state: TrainState, params: Params, data: TrainingData, device: torch.device
-) -> dict[str, Any]:
-    """The stage's metrics from the finished run's history, with the collapse check."""
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The stage's metrics and its report, from the finished run's history, with the collapse
+    check. The metrics hold only numbers that describe the model (``dvc metrics diff`` compares
+    them); the report holds the rest: the method, device, precision, speed, the run key and why
+    the representation collapsed."""
     history = state.history
     knn = [r["knn_top1"] for r in history if "knn_top1" in r]
     spread = history[-1].get("embedding_spread", 1.0)
@@ -274,17 +278,18 @@ def summarize(
         "embedding_spread": spread,
         "collapsed": collapsed is not None,
         "epochs": params.train.epochs,
+    }
+    if "temperature" in history[-1]:
+        metrics["temperature"] = history[-1]["temperature"]
+    report = {
         "method": params.train.method,
         "images_per_s": round(sum(r["images_per_s"] for r in history) / len(history), 1),
         "device": device.type,
         "precision": "bf16" if bf16 else "fp32",
         "params_hash": state.run_key,
+        "collapse_reason": collapsed,
     }
-    if "temperature" in history[-1]:
-        metrics["temperature"] = history[-1]["temperature"]
-    if collapsed:
-        metrics["collapse_reason"] = collapsed
-    return metrics
+    return metrics, report
 
 
 def pretrain(
@@ -295,13 +300,18 @@ def pretrain(
     metrics_path: str | Path = paths.PRETRAIN_METRICS,
     history_path: str | Path = paths.PRETRAIN_HISTORY,
     knn_path: str | Path = paths.KNN_HISTORY,
+    report_path: str | Path | None = None,
+    plot_path: str | Path | None = None,
     callbacks: Sequence[Callback] = (),
     stop_after_epoch: int | None = None,
 ) -> dict[str, Any]:
     """The ``pretrain`` stage: train the method of ``params.train`` and write the encoder, the
-    metrics and the per-epoch history. Outputs are written only at the end, each atomically:
-    a failed or killed run leaves the previous ones in place.
+    metrics, the report, the per-epoch history and its plot. Outputs are written only at the end,
+    each atomically: a failed or killed run leaves the previous ones in place. Returns the metrics
+    and the report in one mapping.
 
+    ``report_path`` and ``plot_path`` default to the project's when ``metrics_path`` and
+    ``history_path`` are, else to files beside them (:func:`paths.companion`).
     ``callbacks`` run after the stage's own (kNN monitor, progress, checkpoint), on rank 0 only.
     ``stop_after_epoch`` ends the run after that epoch's checkpoint, as a kill would.
 
@@ -314,7 +324,7 @@ def pretrain(
     try:
         return _pretrain(
             params, data, world, device, encoder_path, checkpoint_dir, metrics_path,
-            history_path, knn_path, callbacks, stop_after_epoch,
+            history_path, knn_path, report_path, plot_path, callbacks, stop_after_epoch,
         )
     except (ConfigError, StageFailed):
         raise
@@ -348,6 +358,8 @@ def _pretrain(
     metrics_path: str | Path,
     history_path: str | Path,
     knn_path: str | Path,
+    report_path: str | Path | None,
+    plot_path: str | Path | None,
     callbacks: Sequence[Callback],
     stop_after_epoch: int | None,
 ) -> dict[str, Any]:
@@ -378,11 +390,11 @@ def _pretrain(
     if not world.is_main:
         return {}
 
-    metrics = summarize(state, params, data, device)
+    metrics, report = summarize(state, params, data, device)
     if metrics["collapsed"]:
         print(
             f"contrastive pretrain: WARNING: the representation collapsed: "
-            f"{metrics['collapse_reason']}. The register stage will refuse this model; lower "
+            f"{report['collapse_reason']}. The register stage will refuse this model; lower "
             "train.lr or change the method",
             file=sys.stderr,
         )
@@ -400,8 +412,14 @@ def _pretrain(
     extra = ["temperature"] if "temperature" in state.history[-1] else []
     _write_csv(history_path, state.history, ["epoch", "loss", "lr", "images_per_s", *extra])
     _write_csv(knn_path, [r for r in state.history if "knn_top1" in r], ["epoch", "knn_top1"])
+    report_path = report_path or paths.companion(metrics_path, paths.PRETRAIN_METRICS,
+                                                 paths.PRETRAIN_REPORT, ".report.json")
+    plot_path = plot_path or paths.companion(history_path, paths.PRETRAIN_HISTORY,
+                                             paths.TRAINING_PLOT, ".png")
+    plot_training(history_path, knn_path, plot_path)
+    write_json(report_path, report)
     write_json(metrics_path, metrics)
-    return metrics
+    return {**metrics, **report}
 
 
 def _write_csv(path: str | Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
