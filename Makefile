@@ -54,7 +54,7 @@ bench: $(VENV)  ## the four CPU benchmarks, each against a reference in the same
 	$(UV) run --frozen --no-sync python bench/pipeline.py
 
 bench-quality: $(VENV)  ## the README's CIFAR recipe against lightly's (installs the bench group)
-	$(UV) sync --frozen --group bench
+	$(UV) sync --frozen --group services --group bench
 	$(UV) run --frozen --no-sync python bench/quality.py
 
 ui: $(VENV)  ## MLflow UI on the project's store (mlflow.db, mlartifacts/): http://127.0.0.1:$(UI_PORT)
