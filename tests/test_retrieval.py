@@ -169,7 +169,7 @@ def test_per_class_metric_names_are_valid_mlflow_names() -> None:
     from contrastive.tracking import Snapshot, final_metrics
 
     probe = {"pretrained": {"anomaly_auroc_per_class": {"cat (wild)+1": 0.75, "dog": 0.5}}}
-    snapshot = Snapshot(parse_params({}), {}, {"probe": probe}, [], "key", {})
+    snapshot = Snapshot(parse_params({}), {}, {"probe": probe}, {}, [], "key", {})
     flat = final_metrics(snapshot)
     assert flat == {"probe.pretrained.anomaly_auroc_per_class.cat _wild__1": 0.75,
                     "probe.pretrained.anomaly_auroc_per_class.dog": 0.5}
