@@ -309,9 +309,11 @@ def build_run(
 
 
 def summarize(
-    state: TrainState, params: Params, data: TrainingData, device: torch.device
+    state: TrainState, params: Params, data: TrainingData, device: torch.device,
+    streamed: bool = False,
 ) -> dict[str, Any]:
-    """The stage's metrics from the finished run's history, with the collapse check."""
+    """The stage's metrics from the finished run's history, with the collapse check, and
+    whether the images were streamed (what ``train.streaming: auto`` chose)."""
     history = state.history
     knn = [r["knn_top1"] for r in history if "knn_top1" in r]
     spread = history[-1].get("embedding_spread", 1.0)
@@ -327,6 +329,7 @@ def summarize(
         "images_per_s": round(sum(r["images_per_s"] for r in history) / len(history), 1),
         "device": device.type,
         "precision": "bf16" if bf16 else "fp32",
+        "streaming": streamed,
         "params_hash": state.run_key,
     }
     if "temperature" in history[-1]:
@@ -427,7 +430,9 @@ def _pretrain(
     if not world.is_main:
         return {}
 
-    metrics = summarize(state, params, data, device)
+    metrics = summarize(
+        state, params, data, device, isinstance(batches, StreamingBatches)
+    )
     if metrics["collapsed"]:
         print(
             f"contrastive pretrain: WARNING: the representation collapsed: "
