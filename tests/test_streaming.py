@@ -60,9 +60,10 @@ def test_a_compressed_member_is_one_line_naming_the_file(tmp_path: Path) -> None
 
 
 def sources(
-    folder: Path, balanced: bool, rank: int, world_size: int, workers: int
+    folder: Path, balanced: bool, rank: int, world_size: int, workers: int, prefetch: bool
 ) -> tuple[InMemoryBatches, StreamingBatches]:
-    """Both sources over the same file: batches of 48 (4 steps, 8 images dropped), seed 3."""
+    """Both sources over the same file: batches of 48 (4 steps, 8 images dropped), seed 3; the
+    streamed one makes its batches one ahead on a thread when ``prefetch``."""
     path = split_file(folder)
     source, labels = map_split(folder, "train")
     x, _ = load_split(folder, "train")
@@ -71,21 +72,26 @@ def sources(
     common = {
         "labels": torch.from_numpy(labels), "batch_size": 48, "views": views,
         "mean": [0.5] * 3, "std": [0.25] * 3, "seed": 3, "balanced": balanced,
-        "rank": rank, "world_size": world_size, "prefetch": False,
+        "rank": rank, "world_size": world_size,
     }
-    in_memory = InMemoryBatches(torch.from_numpy(x), **common)  # type: ignore[arg-type]
-    streaming = StreamingBatches(source, workers=workers, **common)  # type: ignore[arg-type]
+    in_memory = InMemoryBatches(torch.from_numpy(x), prefetch=False, **common)  # type: ignore[arg-type]
+    streaming = StreamingBatches(  # type: ignore[arg-type]
+        source, workers=workers, prefetch=prefetch, **common
+    )
     return in_memory, streaming
 
 
 @pytest.mark.parametrize(
-    ("world_size", "rank", "balanced", "workers"),
-    [(1, 0, False, 2), (1, 0, True, 0), (2, 0, False, 2), (2, 1, False, 0), (2, 1, True, 2)],
+    ("world_size", "rank", "balanced", "workers", "prefetch"),
+    [
+        (1, 0, False, 2, False), (1, 0, True, 0, False), (1, 0, False, 2, True),
+        (2, 0, False, 2, False), (2, 1, False, 0, False), (2, 1, True, 2, True),
+    ],
 )
 def test_streamed_batches_equal_the_in_memory_ones_exactly(
-    tmp_path: Path, world_size: int, rank: int, balanced: bool, workers: int
+    tmp_path: Path, world_size: int, rank: int, balanced: bool, workers: int, prefetch: bool
 ) -> None:
-    in_memory, streaming = sources(tmp_path, balanced, rank, world_size, workers)
+    in_memory, streaming = sources(tmp_path, balanced, rank, world_size, workers, prefetch)
     assert streaming.steps_per_epoch == in_memory.steps_per_epoch == 4
     firsts = []
     for epoch in range(2):
