@@ -207,6 +207,12 @@ class TrainConfig(_Section):
     """Distributed backend with several processes: ``auto`` is NCCL on CUDA, gloo on the CPU."""
     sync_bn: StrictBool = False
     """With several processes, BatchNorm normalises with the statistics of the global batch."""
+    streaming: Literal["auto", "on", "off"] = "auto"
+    """Read the training images from the memory-mapped prepared file, step by step, instead of
+    holding them on the device (the same batches either way); ``auto``: only when the split's
+    uint8 bytes exceed half the free memory of the device (``contrastive.train.should_stream``)."""
+    loader_workers: Annotated[Int, Field(ge=0, le=64)] = 2
+    """DataLoader processes that read the images ahead when streaming (0: the training process)."""
     moco: MoCoConfig = MoCoConfig()
     triplet: TripletConfig = TripletConfig()
     margin_pair: MarginPairConfig = MarginPairConfig()

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +99,87 @@ def load_split(prepared_dir: str | Path, split: str) -> tuple[np.ndarray, np.nda
     with np.load(path, allow_pickle=False) as npz:
         x, y = npz["x"], npz["y"]
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] != 3 or y.dtype != np.int64:
+        raise ConfigError(f"{path}: not in the prepared format; run the prepare stage again")
+    return x, y
+
+
+@dataclass(frozen=True)
+class MappedArray:
+    """Where an array of an uncompressed ``.npz`` lies in the file: enough to map it from any
+    process (a DataLoader worker reopens it from these four fields; the mapping itself is never
+    pickled)."""
+
+    path: str
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+    def open(self) -> np.ndarray:
+        """The array as a copy-on-write memory map: rows are read from disk when touched, and
+        the result is writable (torch.from_numpy warns on read-only arrays) without ever
+        writing to the file."""
+        return np.memmap(self.path, np.dtype(self.dtype), "c", self.offset, self.shape)
+
+
+def map_npz_member(path: str | Path, name: str) -> MappedArray:
+    """Locate array ``name`` of the ``.npz`` at ``path`` without reading it.
+
+    ``np.savez`` stores each array as ``name.npy`` in a ZIP_STORED member: its bytes are the
+    ``.npy`` file as is, at the member's local header offset + 30 + the lengths of the header's
+    file name and extra field (the zip64 extra field of large members included). The ``.npy``
+    header that follows gives dtype, shape and where the data start. Compressed members
+    (``np.savez_compressed``) and Fortran order cannot be mapped: :class:`ConfigError`.
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo(f"{name}.npy")
+    except (OSError, zipfile.BadZipFile, KeyError) as exc:
+        raise ConfigError(f"{path}: cannot map '{name}' ({type(exc).__name__}: {exc})") from None
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise ConfigError(
+            f"{path}: '{name}' is compressed and cannot be memory-mapped; "
+            "write it with np.savez (uncompressed), as the prepare stage does"
+        )
+    with path.open("rb") as handle:
+        handle.seek(info.header_offset)
+        local = handle.read(30)
+        if local[:4] != b"PK\x03\x04":
+            raise ConfigError(f"{path}: bad zip local header for '{name}'")
+        name_length, extra_length = struct.unpack("<HH", local[26:30])
+        handle.seek(info.header_offset + 30 + name_length + extra_length)
+        version = np.lib.format.read_magic(handle)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran_order, dtype = read_header(handle)
+        offset = handle.tell()
+    if fortran_order or dtype.hasobject:
+        raise ConfigError(f"{path}: '{name}' is Fortran-ordered or of objects; cannot map it")
+    return MappedArray(str(path), offset, dtype.str, tuple(int(d) for d in shape))
+
+
+def map_split(prepared_dir: str | Path, split: str) -> tuple[MappedArray, np.ndarray]:
+    """One prepared split without reading its images: where ``x`` lies (uint8 (N, H, W, 3)),
+    and ``y`` int64 (N,) read into memory (8 bytes an image). For splits larger than memory."""
+    if split not in SPLITS:
+        raise ConfigError(f"split '{split}' unknown; allowed: {', '.join(SPLITS)}")
+    path = Path(prepared_dir) / f"{split}.npz"
+    if not path.is_file():
+        raise ConfigError(f"{path}: prepared split not found; run the prepare stage first")
+    x = map_npz_member(path, "x")
+    with np.load(path, allow_pickle=False) as npz:
+        y = npz["y"]  # reads this member only
+    if (
+        np.dtype(x.dtype) != np.uint8 or len(x.shape) != 4 or x.shape[3] != 3
+        or y.dtype != np.int64 or len(y) != x.shape[0]
+    ):
         raise ConfigError(f"{path}: not in the prepared format; run the prepare stage again")
     return x, y
 

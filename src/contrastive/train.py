@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from torch import nn
 
 from contrastive import distributed, paths
 from contrastive.augment import SimCLRViews
-from contrastive.batches import InMemoryBatches
+from contrastive.batches import InMemoryBatches, StreamingBatches
 from contrastive.callbacks import (
     Callback,
     Checkpointer,
@@ -39,7 +40,7 @@ from contrastive.callbacks import (
     TrainState,
 )
 from contrastive.config import ConfigError, Params, StageFailed, params_hash
-from contrastive.data import load_manifest, load_split
+from contrastive.data import MappedArray, load_manifest, load_split, map_split
 from contrastive.distributed import SINGLE, World
 from contrastive.evaluate import resolve_knn_k
 from contrastive.files import atomic_path, write_json
@@ -58,7 +59,7 @@ representation counts as collapsed."""
 
 def fit(
     state: TrainState,
-    batches: InMemoryBatches,
+    batches: InMemoryBatches | StreamingBatches,
     peak_lr: float,
     warmup_epochs: int,
     callbacks: Sequence[Callback],
@@ -130,10 +131,13 @@ def run_key(params: Params, data_hash: str, device: torch.device, world_size: in
     ``precision: auto`` means bf16 on one machine and fp32 on another, so the resolved
     precision and memory format count too: an fp32 checkpoint is never resumed in bf16. So does
     the number of processes (each draws its own views); ``train.devices`` and ``train.backend``
-    only say how to launch.
+    only say how to launch, and ``train.streaming`` and ``train.loader_workers`` where the images
+    are read from (the batches are the same).
     """
     bf16, channels_last = resolve_precision(params.train, device)
-    train_cfg = params.train.model_dump(mode="json", exclude={"devices", "backend"})
+    train_cfg = params.train.model_dump(
+        mode="json", exclude={"devices", "backend", "streaming", "loader_workers"}
+    )
     run = {"seed": params.seed, "data": data_hash,
            "resolved": {"bf16": bf16, "channels_last": channels_last}}
     if world_size > 1:
@@ -181,7 +185,7 @@ def check_launch(params: Params, processes: int) -> bool:
     """Every check :func:`pretrain` makes, for ``processes`` processes about to be launched, so
     that bad input stops the command before any process starts; whether they train on CUDA."""
     manifest = load_manifest(paths.PREPARED)
-    _, labels = load_split(paths.PREPARED, "train")
+    _, labels = map_split(paths.PREPARED, "train")  # the images may not fit in memory
     check_pretrain(params, manifest, labels, processes)
     return resolve_device(params.device).type == "cuda"
 
@@ -206,26 +210,67 @@ def collapse_reason(spread: float, knn_top1: float | None, val_labels: np.ndarra
 
 @dataclass(frozen=True)
 class TrainingData:
-    """The prepared data that pretraining reads: the manifest, and train and val as arrays."""
+    """The prepared data that pretraining reads: the manifest, train and val as arrays, and
+    where train's images lie in their file.
+
+    Train's images are a memory map (nothing is read until used), so a split larger than memory
+    can be streamed (:class:`StreamingBatches`) and the kNN monitor reads it in slices; the
+    in-memory path copies it onto the device in :func:`build_run`.
+    """
 
     manifest: dict[str, Any]
     train: tuple[np.ndarray, np.ndarray]
     val: tuple[np.ndarray, np.ndarray]
+    train_source: MappedArray
 
     @classmethod
     def load(cls, prepared_dir: str | Path) -> TrainingData:
+        source, train_y = map_split(prepared_dir, "train")
         return cls(
             load_manifest(prepared_dir),
-            load_split(prepared_dir, "train"),
+            (source.open(), train_y),
             load_split(prepared_dir, "val"),
+            source,
         )
+
+
+def available_ram() -> int:
+    """Bytes of RAM this machine can still give without swapping: ``MemAvailable`` (free memory
+    plus the page cache it can drop), else the free pages ``os.sysconf`` reports (fewer: the page
+    cache counts as used)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def should_stream(setting: str, nbytes: int, device: torch.device) -> bool:
+    """Whether to stream a training split of ``nbytes`` uint8 bytes to ``device``.
+
+    ``on``/``off`` say so. ``auto`` streams when the split exceeds half the free memory of the
+    device: ``torch.cuda.mem_get_info`` on CUDA; on the CPU the available RAM shared by the
+    processes of this machine (``LOCAL_WORLD_SIZE``, each holding a copy). The other half is
+    left to the model, its activations, the views and the optimiser. Since both paths give the
+    same batches, ranks that decide differently still train the same run.
+    """
+    if setting != "auto":
+        return setting == "on"
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = available_ram() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return nbytes > free // 2
 
 
 def build_run(
     params: Params, data: TrainingData, device: torch.device, world: World = SINGLE
-) -> tuple[TrainState, InMemoryBatches]:
+) -> tuple[TrainState, InMemoryBatches | StreamingBatches]:
     """The method around a freshly initialised encoder (seeded), its optimiser and its batches
-    (this process's share of them, under several processes)."""
+    (this process's share of them, under several processes): held on the device, or streamed
+    from the file when ``train.streaming`` says so (:func:`should_stream`)."""
     cfg, manifest = params.train, data.manifest
     _, channels_last = resolve_precision(cfg, device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -242,31 +287,37 @@ def build_run(
     if cfg.compile:
         encoder.compile()  # in place: the state_dict keys stay the same
     optimizer = build_optimizer(method, cfg, fused=device.type == "cuda")
-    batches = InMemoryBatches(
-        torch.from_numpy(train_x).to(device),
-        torch.from_numpy(train_y).to(device),
-        cfg.batch_size,
-        SimCLRViews(params.augment, manifest["image_size"]),
-        manifest["mean"],
-        manifest["std"],
-        params.seed,
-        memory_format,
-        balanced=cfg.class_balance == "sampler",
-        rank=world.rank,
-        world_size=world.world_size,
-    )
+    common: dict[str, Any] = {
+        "labels": torch.from_numpy(train_y).to(device),
+        "batch_size": cfg.batch_size,
+        "views": SimCLRViews(params.augment, manifest["image_size"]),
+        "mean": manifest["mean"],
+        "std": manifest["std"],
+        "seed": params.seed,
+        "memory_format": memory_format,
+        "balanced": cfg.class_balance == "sampler",
+        "rank": world.rank,
+        "world_size": world.world_size,
+    }
+    batches: InMemoryBatches | StreamingBatches
+    if should_stream(cfg.streaming, data.train_source.nbytes, device):
+        batches = StreamingBatches(data.train_source, workers=cfg.loader_workers, **common)
+    else:  # copy the mapped file into memory (then onto the device): the fast default
+        batches = InMemoryBatches(torch.from_numpy(train_x).to(device, copy=True), **common)
     key = run_key(params, manifest["data_hash"], device, world.world_size)
     state = TrainState(method, optimizer, cfg.epochs, batches.steps_per_epoch, cfg.batch_size, key)
     return state, batches
 
 
 def summarize(
-    state: TrainState, params: Params, data: TrainingData, device: torch.device
+    state: TrainState, params: Params, data: TrainingData, device: torch.device,
+    streamed: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The stage's metrics and its report, from the finished run's history, with the collapse
     check. The metrics hold only numbers that describe the model (``dvc metrics diff`` compares
-    them); the report holds the rest: the method, device, precision, speed, the run key and why
-    the representation collapsed."""
+    them); the report holds the rest: the method, device, precision, whether the images were
+    streamed (what ``train.streaming: auto`` chose), speed, the run key and why the
+    representation collapsed."""
     history = state.history
     knn = [r["knn_top1"] for r in history if "knn_top1" in r]
     spread = history[-1].get("embedding_spread", 1.0)
@@ -286,6 +337,7 @@ def summarize(
         "images_per_s": round(sum(r["images_per_s"] for r in history) / len(history), 1),
         "device": device.type,
         "precision": "bf16" if bf16 else "fp32",
+        "streaming": streamed,
         "params_hash": state.run_key,
         "collapse_reason": collapsed,
     }
@@ -390,7 +442,9 @@ def _pretrain(
     if not world.is_main:
         return {}
 
-    metrics, report = summarize(state, params, data, device)
+    metrics, report = summarize(
+        state, params, data, device, isinstance(batches, StreamingBatches)
+    )
     if metrics["collapsed"]:
         print(
             f"contrastive pretrain: WARNING: the representation collapsed: "
