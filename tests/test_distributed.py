@@ -64,9 +64,18 @@ def case_params(case: str) -> Params:
     return parse_params({**TINY, "train": train_section})
 
 
-def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+DATA_SEED = {"moco_symmetric": 200}
+"""The data of a case where it is not the default (100). With 100, step 2 of symmetric MoCo puts
+one hidden unit of the projection head's swapped term within 6e-8 of the ReLU's kink (float64:
++2.9e-6); 1 and 2 processes sum BatchNorm's statistics in another order, so float32 rounds it to
+opposite sides, the unit passes a gradient in one run only, and the weights part by 0.017 after
+3 steps. Every tensor before that ReLU agrees; with seeds 200, 300, 400 and 500 the runs agree
+within 3.4e-6. The test is of the computation, not of that one rounding, so the case uses 200."""
+
+
+def global_batch(step: int, seed: int = 100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two views of BATCH images and their labels (4 classes, 2 images each), drawn by step."""
-    g = torch.Generator().manual_seed(100 + step)
+    g = torch.Generator().manual_seed(seed + step)
     view_a = torch.randn(BATCH, 3, SIZE, SIZE, generator=g)
     view_b = torch.randn(BATCH, 3, SIZE, SIZE, generator=g)
     labels = torch.arange(BATCH) % 4
@@ -87,7 +96,7 @@ def train_steps(case: str, world: distributed.World) -> dict[str, Any]:
                   (world.rank + 1) * BATCH // world.world_size)
     result: dict[str, Any] = {}
     for step in range(STEPS):
-        view_a, view_b, labels = global_batch(step)
+        view_a, view_b, labels = global_batch(step, DATA_SEED.get(case, 100))
         loss = model(view_a[share], view_b[share], labels[share])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -159,17 +168,7 @@ def test_two_processes_compute_the_loss_and_gradients_of_one(
         torch.testing.assert_close(two["grads"][name], grad, atol=GRAD_ATOL, rtol=0, msg=name)
 
 
-SYMMETRIC_MOCO = pytest.mark.xfail(
-    strict=True,
-    reason="known gap: symmetric MoCo's first step matches, its later steps drift (0.03 in the "
-    "gradients of step 2) although the queues, key encoders and losses still agree; not found yet",
-)
-
-
-@pytest.mark.parametrize(
-    "case",
-    [pytest.param(c, marks=SYMMETRIC_MOCO) if c == "moco_symmetric" else c for c in CASES],
-)
+@pytest.mark.parametrize("case", list(CASES))
 def test_after_a_few_steps_the_weights_agree(
     one_process: dict[str, Any], two_processes: dict[str, Any], case: str
 ) -> None:
