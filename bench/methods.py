@@ -31,16 +31,16 @@ from contrastive.models import load_encoder
 from contrastive.train import pretrain
 
 
-def recipe(data: Path, test: Path, epochs: int, precision: str) -> dict:
-    """The README's CIFAR recipe on ``params.yaml``."""
+def recipe(data: Path, test: Path, epochs: int, precision: str = "auto") -> dict:
+    """The README's CIFAR recipe on ``params.yaml``; channels_last follows ``precision``."""
+    channels_last = {"auto": "auto", "bf16": "on", "fp32": "off"}[precision]
     return project_params({
         "device": "cpu",
         "data": {"source": "npz", "path": str(data), "test_path": str(test), "image_size": 32},
         "augment": {"hflip": 0.5, "saturation": 0.4, "hue": 0.1, "grayscale_prob": 0.2,
                     "crop_scale": [0.2, 1.0]},
         "train": {"epochs": epochs, "warmup_epochs": min(2, epochs - 1), "weight_decay": 5e-4,
-                  "knn_every": 0, "precision": precision,
-                  "channels_last": "on" if precision == "bf16" else "off"},
+                  "knn_every": 0, "precision": precision, "channels_last": channels_last},
     })
 
 

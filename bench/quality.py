@@ -34,7 +34,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import _threads  # noqa: F401  (the command's thread policy, before torch loads)
 import numpy as np
 import torch
-from _common import WrongResult, data_file, line, machine_line, parser, project_params, run
+from _common import WrongResult, data_file, line, machine_line, parser, run
+from methods import recipe
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -61,17 +62,11 @@ LIGHTLY_CHOICES = {
 
 
 def product_params(train: Path, test: Path, epochs: int, seed: int) -> dict:
-    """``params.yaml`` with the README's CIFAR recipe ("Views" in the README)."""
-    return project_params({
-        "seed": seed,
-        "device": "cpu",
-        "data": {"source": "npz", "path": str(train), "test_path": str(test), "image_size": 32},
-        "augment": {"hflip": 0.5, "saturation": 0.4, "hue": 0.1, "grayscale_prob": 0.2,
-                    "crop_scale": [0.2, 1.0]},
-        "train": {"epochs": epochs, "warmup_epochs": min(2, epochs - 1), "weight_decay": 5e-4,
-                  "knn_every": 0},
-        "probe": {"knn_k": 200, "knn_temperature": 0.1},
-    })
+    """``params.yaml`` with the README's CIFAR recipe (``bench/methods.py``), precision ``auto``,
+    and the CIFAR kNN protocol (k=200, t=0.1) for both recipes."""
+    raw = recipe(train, test, epochs) | {"seed": seed}
+    raw["probe"] = raw["probe"] | {"knn_k": 200, "knn_temperature": 0.1}
+    return raw
 
 
 class TwoViews(Dataset):
