@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import contrastive
 from contrastive.config import ConfigError, ExportConfig, ModelConfig
 from contrastive.export import (
     EmbeddingModel,
@@ -127,6 +128,16 @@ def test_metadata_round_trips(exported: dict) -> None:
     assert meta["classes"] == ["a", "b", "c"]
     assert meta["encoder"] == "small_cnn"
     assert (meta["channel_order"], meta["layout"]) == ("RGB", "NHWC uint8")
+
+
+def test_the_model_file_names_no_folder_of_this_machine(exported: dict) -> None:
+    """The exporter records a stack trace, with absolute source paths, on every node; the
+    exported file must hold none, or its bytes (and the registry's state key) would depend on
+    where the project sits, and the registered model would carry the machine's paths."""
+    data = exported["paths"]["onnx"].read_bytes()
+    for folder in (Path(contrastive.__file__).parents[1], Path(torch.__file__).parents[1]):
+        assert str(folder).encode() not in data, folder
+    assert b"stack_trace" not in data
 
 
 def test_failed_check_leaves_no_onnx_and_keeps_an_older_one(tmp_path: Path) -> None:

@@ -173,7 +173,28 @@ def _add_metadata(path: Path, info: EncoderInfo) -> None:
     existing = {p.key: p.value for p in model.metadata_props}
     ours = {k: json.dumps(v) if k in _JSON_METADATA else str(v) for k, v in props.items()}
     onnx.helper.set_model_props(model, {**existing, **ours})
+    _drop_stack_traces(model)
     onnx.save(model, str(path))
+
+
+def _drop_stack_traces(model: onnx.ModelProto) -> None:
+    """Remove the Python stack trace the dynamo exporter records on every node.
+
+    It holds absolute paths of this machine (the project's and the environment's), so without
+    this the file's bytes, and with them the registry's state key, would depend on the folder the
+    project sits in, and the registered model would carry those paths.
+    """
+    graphs = [model.graph, *model.functions]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            kept = [p for p in node.metadata_props if not p.key.endswith("stack_trace")]
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+            for attribute in node.attribute:  # subgraphs (If, Loop, Scan)
+                if attribute.HasField("g"):
+                    graphs.append(attribute.g)
+                graphs.extend(attribute.graphs)
 
 
 def onnx_metadata(onnx_path: str | Path) -> dict[str, Any]:
