@@ -202,7 +202,7 @@ def _load_digits(cfg: DataConfig, raw_dir: Path) -> _Loaded:
     bunch = load_digits()
     x = np.rint(bunch.images * 255 / 16).astype(np.uint8)
     y = bunch.target.astype(np.int64)
-    return _Loaded(_standardize(x, cfg.image_size), y, [str(k) for k in range(10)])
+    return _Loaded(standardize_images(x, cfg.image_size), y, [str(k) for k in range(10)])
 
 
 def _load_torchvision(cfg: DataConfig, raw_dir: Path) -> _Loaded:
@@ -226,7 +226,7 @@ def _load_torchvision(cfg: DataConfig, raw_dir: Path) -> _Loaded:
             f"data.download: getting {cfg.source} into {root} failed ({reason}); "
             f"place the torchvision files under {root}"
         ) from None
-    x = _standardize(np.concatenate([train_x, test_x]), cfg.image_size)
+    x = standardize_images(np.concatenate([train_x, test_x]), cfg.image_size)
     y = np.concatenate([train_y, test_y]).astype(np.int64)
     is_test = np.repeat([False, True], [len(train_y), len(test_y)])
     return _Loaded(x, y, classes, is_test)
@@ -267,7 +267,7 @@ def _load_npz(cfg: DataConfig, raw_dir: Path) -> _Loaded:
                 f"{len(classes)} classes; labels must be 0..{len(classes) - 1}"
             )
 
-    x = np.concatenate([_standardize(x, cfg.image_size) for x, _, _ in read.values()])
+    x = np.concatenate([standardize_images(x, cfg.image_size) for x, _, _ in read.values()])
     y = np.concatenate([y for _, y, _ in read.values()]).astype(np.int64)
     is_test = None
     if cfg.test_path:
@@ -425,13 +425,8 @@ _LOADERS: dict[str, Callable[[DataConfig, Path], _Loaded]] = {
 
 
 def standardize_images(x: np.ndarray, size: int) -> np.ndarray:
-    """Images as the prepare stage stores them: grey becomes RGB, resized to ``size`` (public name
-    of :func:`_standardize`, for galleries and anomaly scoring)."""
-    return _standardize(x, size)
-
-
-def _standardize(x: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (N, H, W), (N, H, W, 1) or (N, H, W, 3) -> uint8 (N, size, size, 3)."""
+    """Images as the prepare stage stores them (also for galleries and anomaly scoring):
+    uint8 (N, H, W), (N, H, W, 1) or (N, H, W, 3) -> uint8 (N, size, size, 3)."""
     if x.ndim == 3:
         x = x[..., None]
     if x.shape[3] == 1:
