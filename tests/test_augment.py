@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import colorsys
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +24,7 @@ from contrastive.augment import (
     blur_kernel_size,
     gaussian_blur,
     hsv_to_rgb,
+    resized_crop,
     rgb_to_grayscale,
     rgb_to_hsv,
     sample_crop_boxes,
@@ -129,6 +134,33 @@ def test_identity_crop_to_a_larger_size_is_a_bilinear_resize() -> None:
     expected = TF.resize(_as_float(images), [16, 16], antialias=True)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
     assert not torch.allclose(out, F.interpolate(_as_float(images), size=16, mode="nearest"))
+
+
+def test_resized_crop_is_torchvisions_roi_align() -> None:
+    from torchvision.ops import roi_align
+
+    images = torch.rand(4, 3, 20, 20, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor([[0, 0, 20, 20], [2, 3, 15, 18], [1.5, 2.2, 9.9, 12.0], [0, 0, 40, 40.0]])
+    rois = torch.cat((torch.arange(4.0)[:, None], boxes), dim=1)
+    expected = roi_align(images, rois, output_size=12, sampling_ratio=0, aligned=True)
+    assert torch.equal(resized_crop(images, boxes, 12), expected)
+
+
+def test_pretraining_imports_neither_torchvision_nor_sklearn() -> None:
+    """Each costs over a second at every pretraining start; views need only roi_align's kernel."""
+    code = (
+        "import sys, torch, contrastive.train; "
+        "from contrastive.augment import SimCLRViews; "
+        "from contrastive.config import AugmentConfig; "
+        "images = torch.randint(0, 256, (4, 12, 12, 3), dtype=torch.uint8); "
+        "views = SimCLRViews(AugmentConfig(), 8)(images, torch.Generator().manual_seed(0)); "
+        "assert views.shape == (4, 3, 8, 8), views.shape; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torchvision', 'sklearn'}))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-500:]
+    assert result.stdout.strip() == "[]"
 
 
 def test_hflip_one_mirrors_every_image() -> None:

@@ -35,15 +35,18 @@ Where this module deliberately differs from torchvision:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.machinery
+import importlib.util
 import math
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import roi_align
 
 from contrastive.config import AugmentConfig
 
@@ -156,7 +159,32 @@ def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.
     """
     index = torch.arange(images.shape[0], device=boxes.device, dtype=boxes.dtype)
     rois = torch.cat((index[:, None], boxes), dim=1)  # (N, 5): batch index, x1, y1, x2, y2
-    return roi_align(images, rois, output_size=size, sampling_ratio=0, aligned=True)
+    spatial_scale, sampling_ratio, aligned = 1.0, 0, True
+    return _roi_align()(images, rois, spatial_scale, size, size, sampling_ratio, aligned)
+
+
+@functools.cache
+def _roi_align() -> Callable[..., torch.Tensor]:
+    """torchvision's compiled ``roi_align`` kernel, loaded without importing torchvision.
+
+    ``import torchvision`` (or ``torchvision.ops``) imports ``torch._dynamo``: about 1.7 s at the
+    start of every pretraining here, for one kernel. The kernel (with its autograd) lives in
+    torchvision's extension library, which this loads as ``torchvision.extension`` does; where
+    that library is not found under a known name, torchvision itself is imported.
+    """
+    spec = importlib.util.find_spec("torchvision")  # finds the package without importing it
+    folder = spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else ""
+    finder = importlib.machinery.FileFinder(
+        folder, (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES)
+    )
+    for name in ("_C_stable", "_C"):  # torchvision >= 0.29, and before
+        library = finder.find_spec(name) if folder else None
+        if library is not None and library.origin is not None:
+            torch.ops.load_library(library.origin)
+            return torch.ops.torchvision.roi_align
+    import torchvision.ops  # noqa: F401  (loads the library under whatever name it has)
+
+    return torch.ops.torchvision.roi_align
 
 
 def hflip(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:

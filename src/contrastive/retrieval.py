@@ -19,7 +19,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
 
 RECALL_AT = (1, 5, 10)
 CHUNK = 1024
@@ -90,6 +89,8 @@ def leave_one_class_out(
 
     A class absent from the test split, or the only class in it, has no AUROC and is left out.
     """
+    from sklearn.metrics import roc_auc_score  # slow import (~1.3 s); pretraining never needs it
+
     present = [c for c in torch.unique(train_labels).tolist()
                if (test_labels == c).any() and not (test_labels == c).all()]
     reference_unit = F.normalize(train.float(), dim=1)
