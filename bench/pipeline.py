@@ -15,7 +15,7 @@
 Set-up is DVC + interpreter start + imports; "outside training" is everything but the training
 steps. Fails (exit 1) when the pipeline fails or when a second ``dvc repro`` is not a no-op.
 
-    python bench/pipeline.py [--epochs 5 | --full] [--repeats 3] [--tmp]
+    python bench/pipeline.py [--epochs 5 | --full] [--precision fp32] [--repeats 3] [--tmp]
 """
 
 from __future__ import annotations
@@ -162,14 +162,17 @@ def training_seconds(folder: Path, params: dict) -> float:
         return sum(per_epoch / float(row["images_per_s"]) for row in csv.DictReader(f))
 
 
-def setup_share(folder: Path, epochs: int | None) -> None:
+def setup_share(folder: Path, epochs: int | None, precision: str | None = None) -> None:
     """Run the pipeline in a new copy of the project at ``folder``; print where its time went."""
     train = project_params({})["train"]
     full_epochs = train["epochs"]
     epochs = epochs or full_epochs
     # The warm-up must stay shorter than the run; the schedule does not change a step's cost.
     warmup = min(train["warmup_epochs"], epochs - 1)
-    params = project_params({"train": {"epochs": epochs, "warmup_epochs": warmup}})
+    train_overrides = {"epochs": epochs, "warmup_epochs": warmup}
+    if precision:
+        train_overrides["precision"] = precision
+    params = project_params({"train": train_overrides})
     make_project(folder, params, timed=True)
     log = folder / "stages.jsonl"
     extra = {"BENCH_STAGE_LOG": str(log), "TQDM_DISABLE": "1"}
@@ -246,6 +249,12 @@ def main() -> None:
         help="time the no-op in a temporary copy even if the project's pipeline is "
         "current (a repro in the project folder takes DVC's lock)",
     )
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        help="train.precision of the measured run (default: params.yaml's); fp32 is the "
+        "precision the set-up target was first measured at",
+    )
     p.add_argument("--skip-run", action="store_true", help="only the no-op repro")
     args = p.parse_args()
     print(machine_line("pipeline overhead"), flush=True)
@@ -253,7 +262,7 @@ def main() -> None:
         noop_repro(args.repeats, use_project=not args.tmp, ran=None)
         return
     with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
-        setup_share(Path(tmp), None if args.full else args.epochs)
+        setup_share(Path(tmp), None if args.full else args.epochs, args.precision)
         noop_repro(args.repeats, use_project=not args.tmp, ran=Path(tmp))
 
 

@@ -39,6 +39,7 @@ def test_all_stages_produce_their_outputs(workspace: Path, capsys: pytest.Captur
     report = json.loads(Path("reports/pretrain.json").read_text())
     assert pretrain["epochs"] == 3 and report["device"] == "cpu" and report["method"] == "simclr"
     assert report["images_per_s"] > 0 and report["collapse_reason"] is None
+    assert report["knn_k"] == json.loads(Path("metrics/probe.json").read_text())["knn_k"] == 20
     assert pretrain["collapsed"] is False and 0.1 < pretrain["embedding_spread"] <= 2**0.5
     history = Path("plots/pretrain.csv").read_text().splitlines()
     assert history[0] == "epoch,loss,lr,images_per_s" and len(history) == 4

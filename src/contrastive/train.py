@@ -316,8 +316,8 @@ def summarize(
     """The stage's metrics and its report, from the finished run's history, with the collapse
     check. The metrics hold only numbers that describe the model (``dvc metrics diff`` compares
     them); the report holds the rest: the method, device, precision, whether the images were
-    streamed (what ``train.streaming: auto`` chose), speed, the run key and why the
-    representation collapsed."""
+    streamed (what ``train.streaming: auto`` chose), the k of the kNN monitor (what
+    ``probe.knn_k: auto`` chose), speed, the run key and why the representation collapsed."""
     history = state.history
     knn = [r["knn_top1"] for r in history if "knn_top1" in r]
     spread = history[-1].get("embedding_spread", 1.0)
@@ -338,6 +338,7 @@ def summarize(
         "device": device.type,
         "precision": "bf16" if bf16 else "fp32",
         "streaming": streamed,
+        "knn_k": resolve_knn_k(params.probe.knn_k, data.train[1]) if knn else None,
         "params_hash": state.run_key,
         "collapse_reason": collapsed,
     }
