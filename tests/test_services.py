@@ -262,3 +262,64 @@ def test_wrong_database_password_is_one_line_naming_the_setting(stack: dict[str,
                                "postgresql+psycopg2://127.0.0.1:")
     assert "refused its user or password" in write[0]
     assert "wrong-password" not in done.stderr + done.stdout
+
+
+@pytest.fixture(scope="module")
+def s3_alone() -> Iterator[str]:
+    """moto's S3 server by itself (no database, no MLflow server): its endpoint URL."""
+    with services.s3_server() as url:
+        yield url
+
+
+def test_remote_check_names_the_missing_setting_and_passes_with_credentials(
+        s3_alone: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``contrastive remote check`` (``make push`` / ``make pull`` run it first) against a real
+    S3 server: no credentials, then a missing bucket, are one line naming the remote and the
+    setting, exit 2; with keys from the environment or from ``.dvc/config.local``, exit 0. No
+    secret is ever printed."""
+    project, bucket = tmp_path / "project", "remote-check"
+    project.mkdir()
+    _run(["git", "init", "-q"], project)
+    _run([*DVC, "init", "-q"], project)
+    _run([*DVC, "remote", "add", "-d", "storage", f"s3://{bucket}/dvc"], project)
+    _run([*DVC, "remote", "modify", "storage", "endpointurl", s3_alone], project)
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    bare |= {"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+             "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_EC2_METADATA_DISABLED": "true",
+             "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    keys = {"AWS_ACCESS_KEY_ID": "contrastive-test", "AWS_SECRET_ACCESS_KEY": services.SECRET_KEY}
+
+    def check(env: dict[str, str]) -> tuple[int, str, list[str]]:
+        done = subprocess.run([sys.executable, "-m", "contrastive.cli", "remote", "check"],
+                              cwd=project, env=env, capture_output=True, text=True, check=False,
+                              timeout=120)
+        assert services.SECRET_KEY not in done.stdout + done.stderr
+        return done.returncode, done.stdout, done.stderr.strip().splitlines()
+
+    label = f"contrastive remote: error: DVC remote 'storage' (s3://{bucket}/dvc)"
+    status, out, err = check(bare)
+    assert (status, out, len(err)) == (2, "", 1), err
+    assert err[0].startswith(f"{label} has no credentials: set AWS_ACCESS_KEY_ID and "
+                             "AWS_SECRET_ACCESS_KEY, or `dvc remote modify --local storage "
+                             "access_key_id ...`"), err
+
+    status, out, err = check(bare | keys)
+    assert (status, out, len(err)) == (2, "", 1), err
+    assert err[0].startswith(f"{label}: bucket '{bucket}' does not exist at {s3_alone}: "), err
+
+    for key, value in keys.items():
+        monkeypatch.setenv(key, value)
+    services.make_bucket(s3_alone, bucket)
+    answers = f"DVC remote 'storage' (s3://{bucket}/dvc): bucket '{bucket}' answers at {s3_alone}"
+    status, out, err = check(bare | keys)
+    assert (status, err) == (0, []), err
+    assert out.strip() == f"{answers} (credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+
+    _run([*DVC, "remote", "modify", "--local", "storage", "access_key_id", "contrastive-test"],
+         project)
+    _run([*DVC, "remote", "modify", "--local", "storage", "secret_access_key",
+          services.SECRET_KEY], project)
+    status, out, err = check(bare)
+    assert (status, err) == (0, []), err
+    assert out.strip() == (f"{answers} (credentials from the remote's access_key_id / "
+                           "secret_access_key)")
