@@ -346,3 +346,30 @@ def test_a_prefect_api_url_where_nothing_listens_is_one_line_and_exit_2(
     assert lines[0].endswith("start it (prefect server start) or fix the URL, or unset it for a "
                              "temporary local server")
     assert sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*")) == before
+
+
+def test_refresh_checks_the_dvc_remote_before_it_pulls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--refresh`` with an s3 remote that has no credentials: the remote check's one line
+    (exit status 2: not retried), before any ``dvc`` command runs."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    project = tmp_path / "project"
+    (project / ".dvc").mkdir(parents=True)
+    (project / ".dvc" / "config").write_text(
+        "[core]\n    remote = storage\n    no_scm = true\n"
+        "['remote \"storage\"']\n    url = s3://bucket/dvc\n"
+    )
+    ran: list[list[str]] = []
+    monkeypatch.setattr(stages, "run_dvc", lambda args, *_: ran.append(args) or "")
+    with pytest.raises(stages.DvcFailed) as failed:
+        stages.refresh_sources(project, logging.getLogger("test"))
+    assert failed.value.exit_status == 2 and ran == []
+    assert str(failed.value).startswith(
+        "dvc pull: DVC remote 'storage' (s3://bucket/dvc) has no credentials: set "
+        "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    )
