@@ -343,8 +343,9 @@ def test_a_prefect_api_url_where_nothing_listens_is_one_line_and_exit_2(
     assert lines[0].startswith(
         f"retrain: error: PREFECT_API_URL: no Prefect server answers at {url} after 3 tries ("
     )
-    assert lines[0].endswith("start it (prefect server start) or fix the URL, or unset it for a "
-                             "temporary local server")
+    assert lines[0].endswith(
+        "start it (prefect server start) or fix the URL, or unset it for a temporary local server"
+    )
     assert sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*")) == before
 
 

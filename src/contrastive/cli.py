@@ -210,11 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     remote = sub.add_parser("remote", help="check the DVC remote before dvc push / dvc pull")
     remote_actions = remote.add_subparsers(dest="action", required=True)
     remote_check = remote_actions.add_parser(
-        "check", help="credentials resolve and the bucket answers (s3 remotes)",
+        "check",
+        help="credentials resolve and the bucket answers (s3 remotes)",
         description="read the DVC remote from DVC's config; for an s3 remote, check that "
         "credentials resolve (the remote's own, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a "
         "profile) and that the bucket answers at the remote's endpointurl; one line and exit "
-        "status 2 naming the setting to fix")
+        "status 2 naming the setting to fix",
+    )
     remote_check.add_argument("--remote", metavar="NAME", help="the remote (DVC's default)")
     remote_check.add_argument("--project", default=".", help="the DVC project's folder (.)")
     remote_check.set_defaults(run=_remote)
