@@ -80,7 +80,7 @@ def test_the_remote_is_read_from_dvc_config_with_its_local_settings(tmp_path: Pa
     assert (remote.name, remote.url, remote.scheme) == ("storage", "s3://bucket/dvc", "s3")
     assert remote.options["endpointurl"] == "http://127.0.0.1:9000"
     assert remote.options["secret_access_key"] == SECRET
-    assert SECRET not in repr(remote.label)
+    assert SECRET not in remote.label + repr(remote)
 
 
 @pytest.mark.parametrize(

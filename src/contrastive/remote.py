@@ -1,13 +1,13 @@
 """A preflight for the DVC remote: ``contrastive remote check`` before ``dvc push`` / ``dvc pull``.
 
 DVC reports a remote without credentials, a missing bucket or an endpoint that does not answer
-with a long message (and a traceback with ``-v``), after it has hashed the workspace. This check
-reads the remote from DVC's config (``.dvc/config`` and ``.dvc/config.local``, as DVC merges
-them) and, for an ``s3://`` remote, resolves credentials the way DVC's S3 filesystem does (the
-remote's ``access_key_id`` / ``secret_access_key``, ``profile``, ``credentialpath``,
-``configpath``, else botocore's chain: ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, the
-shared files, an instance role) and asks the bucket at the remote's ``endpointurl`` whether it
-answers. Each problem is one line that names the remote and the setting to fix
+in messages of its own (``Unable to locate credentials``...). This check reads the remote from
+DVC's config (``.dvc/config`` and ``.dvc/config.local``, as DVC merges them) and, for an
+``s3://`` remote, resolves credentials the way DVC's S3 filesystem does (the remote's
+``access_key_id`` / ``secret_access_key``, ``profile``, ``credentialpath``, ``configpath``, else
+botocore's chain: ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, the shared files, an
+instance role) and asks the bucket at the remote's ``endpointurl`` whether it answers. Each
+problem is one line that names the remote and the setting to fix
 (:class:`~contrastive.config.ConfigError`: exit status 2). No secret is ever printed: not a key,
 not a secret, not a password in a URL.
 """
@@ -15,7 +15,7 @@ not a secret, not a password in a URL.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -49,7 +49,7 @@ class Remote:
 
     name: str
     url: str
-    options: dict[str, Any]
+    options: dict[str, Any] = field(repr=False)
 
     @property
     def scheme(self) -> str:
