@@ -11,7 +11,7 @@ UV := $(shell command -v uv 2>/dev/null || echo $(BOOTSTRAP)/bin/uv)
 VENV := .venv/.installed
 UI_PORT ?= 5000
 
-.PHONY: run test test-services postgres remote lint repro metrics plots clean retrain serve ui bench \
+.PHONY: run test test-services postgres remote push pull lint repro metrics plots clean retrain serve ui bench \
 	bench-quality
 
 run: $(VENV)  ## run the whole pipeline on params.yaml and show the metrics
@@ -40,6 +40,16 @@ remote: $(VENV)  ## make DVC_REMOTE_URL (s3://BUCKET/PATH) the default DVC remot
 	@test -n "$(DVC_REMOTE_URL)" || { echo "make remote: set DVC_REMOTE_URL=s3://BUCKET/PATH" >&2; exit 2; }
 	$(UV) run --frozen --no-sync dvc remote add --default --force storage $(DVC_REMOTE_URL)
 	$(if $(S3_ENDPOINT),$(UV) run --frozen --no-sync dvc remote modify storage endpointurl $(S3_ENDPOINT))
+
+# `contrastive remote check` first: a remote without credentials, a missing bucket or an endpoint
+# that does not answer is one line naming the setting (exit status 2), not DVC's long message.
+push: $(VENV)  ## check the DVC remote (credentials, bucket), then dvc push every cached output
+	$(UV) run --frozen --no-sync contrastive remote check
+	$(UV) run --frozen --no-sync dvc push
+
+pull: $(VENV)  ## check the DVC remote, then dvc pull every output (a fresh clone: no retraining)
+	$(UV) run --frozen --no-sync contrastive remote check
+	$(UV) run --frozen --no-sync dvc pull
 
 lint: $(VENV)
 	$(UV) run --frozen --no-sync ruff check src tests pipeline bench

@@ -40,6 +40,8 @@ from prefect.states import Cancelled
 from prefect.tasks import Task, exponential_backoff
 
 from contrastive.cli import plain
+from contrastive.config import ConfigError
+from contrastive.remote import without_password
 from pipeline import stages
 from pipeline.report import REGISTRY_REPORT, Registration, RetrainResult, StageRun, metrics_table
 from pipeline.report import markdown as summary_markdown
@@ -275,6 +277,32 @@ def local_server(port: int) -> Iterator[str]:
         server.wait(30)
 
 
+def check_api(url: str, attempts: int = 3, wait_s: float = 2.0) -> None:
+    """Fail fast, with one line naming ``PREFECT_API_URL``, when no Prefect server answers at
+    ``url``: Prefect's client would retry for about half a minute and end in an error that names
+    no setting. A server that answers at all (even 401 without its auth string) passes; one that
+    is only slow gets ``attempts`` tries of 10 s each, ``wait_s`` apart.
+
+    Raises:
+        ConfigError: nothing answered.
+    """
+    error: Exception | None = None
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(wait_s)
+        try:
+            httpx.get(f"{url.rstrip('/')}/health", timeout=10)
+            return
+        except httpx.HTTPError as exc:
+            error = exc
+    reason = one_line(error) if error is not None else "no answer"
+    raise ConfigError(
+        f"PREFECT_API_URL: no Prefect server answers at {without_password(url)} after "
+        f"{attempts} tries ({reason}); start it (prefect server start) or fix the URL, or unset "
+        "it for a temporary local server"
+    )
+
+
 def _healthy(url: str) -> bool:
     try:
         return httpx.get(f"{url}/health", timeout=2).is_success
@@ -320,6 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=4200, help="serve: local server port (4200)")
     args = parser.parse_args(argv)
     project = Path(args.project).resolve()
+    api = PREFECT_API_URL.value()
+    if api and args.command in ("run", "serve"):
+        try:
+            check_api(api)
+        except ConfigError as exc:
+            print(f"retrain: error: {exc}", file=sys.stderr)
+            return 2
 
     if args.command == "serve":
         serve(project, args.port)

@@ -106,13 +106,25 @@ def apply_overrides(project: Path, overrides: dict[str, Any]) -> list[str]:
 
 def refresh_sources(project: Path, logger: Logger) -> list[str]:
     """Bring DVC-tracked inputs up to date: ``dvc update`` of each import (a ``.dvc`` file made by
-    ``dvc import``), then ``dvc pull`` if a remote is configured. Returns the commands run."""
+    ``dvc import``), then ``dvc pull`` if a remote is configured. Returns the commands run.
+
+    The remote is checked before anything runs (:func:`contrastive.remote.check`): a remote
+    without credentials or bucket fails with its one line and exit status 2, not DVC's message.
+    """
     from dvc.repo import Repo
+
+    from contrastive.config import ConfigError
+    from contrastive.remote import check
 
     with Repo(str(project)) as repo:
         commands = [["update", stage.relpath] for stage in repo.index.stages if stage.is_import]
         if repo.config.get("remote"):
             commands.append(["pull", "--allow-missing"])
+    if ["pull", "--allow-missing"] in commands:
+        try:
+            logger.info("%s", check(project))
+        except ConfigError as exc:
+            raise DvcFailed(f"dvc pull: {exc}", exit_status=2) from None
     for command in commands:
         run_dvc(command, project, logger)
     return ["dvc " + " ".join(command) for command in commands]

@@ -41,6 +41,7 @@ from pipeline.retrain import (
 )
 from pipeline.settings import Settings
 from tests.conftest import ROOT, make_dvc_project
+from tests.services import free_port
 
 STAGE_NAMES = ("prepare", "pretrain", "probe", "export", "register")
 
@@ -316,3 +317,60 @@ def _artifacts(flow_run_id: UUID | None) -> tuple[str, list[dict[str, object]]]:
     by_key = {artifact.key: artifact.data for artifact in artifacts}
     table = by_key["retrain-metrics"]
     return str(by_key["retrain-summary"]), json.loads(table) if isinstance(table, str) else table
+
+
+@pytest.mark.parametrize("command", ["run", "serve"])
+def test_a_prefect_api_url_where_nothing_listens_is_one_line_and_exit_2(
+    command: str, tmp_path: Path
+) -> None:
+    """``python -m pipeline.retrain`` (``make retrain`` / ``make serve``) with a PREFECT_API_URL
+    where nothing listens: one line naming the setting, exit status 2, the project untouched."""
+    make_dvc_project(tmp_path)
+    before = sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*"))
+    url = f"http://127.0.0.1:{free_port()}/api"
+    env = {**os.environ, "PREFECT_API_URL": url, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.retrain", command, "--project", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    lines = done.stderr.strip().splitlines()
+    assert (done.returncode, done.stdout, len(lines)) == (2, "", 1), done.stderr
+    assert lines[0].startswith(
+        f"retrain: error: PREFECT_API_URL: no Prefect server answers at {url} after 3 tries ("
+    )
+    assert lines[0].endswith(
+        "start it (prefect server start) or fix the URL, or unset it for a temporary local server"
+    )
+    assert sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*")) == before
+
+
+def test_refresh_checks_the_dvc_remote_before_it_pulls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--refresh`` with an s3 remote that has no credentials: the remote check's one line
+    (exit status 2: not retried), before any ``dvc`` command runs."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    project = tmp_path / "project"
+    (project / ".dvc").mkdir(parents=True)
+    (project / ".dvc" / "config").write_text(
+        "[core]\n    remote = storage\n    no_scm = true\n"
+        "['remote \"storage\"']\n    url = s3://bucket/dvc\n"
+    )
+    ran: list[list[str]] = []
+    monkeypatch.setattr(stages, "run_dvc", lambda args, *_: ran.append(args) or "")
+    with pytest.raises(stages.DvcFailed) as failed:
+        stages.refresh_sources(project, logging.getLogger("test"))
+    assert failed.value.exit_status == 2 and ran == []
+    assert str(failed.value).startswith(
+        "dvc pull: DVC remote 'storage' (s3://bucket/dvc) has no credentials: set "
+        "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    )

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -262,3 +263,196 @@ def test_wrong_database_password_is_one_line_naming_the_setting(stack: dict[str,
                                "postgresql+psycopg2://127.0.0.1:")
     assert "refused its user or password" in write[0]
     assert "wrong-password" not in done.stderr + done.stdout
+
+
+@pytest.fixture(scope="module")
+def s3_alone() -> Iterator[str]:
+    """moto's S3 server by itself (no database, no MLflow server): its endpoint URL."""
+    with services.s3_server() as url:
+        yield url
+
+
+def test_remote_check_names_the_missing_setting_and_passes_with_credentials(
+    s3_alone: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``contrastive remote check`` (``make push`` / ``make pull`` run it first) against a real
+    S3 server: no credentials, then a missing bucket, are one line naming the remote and the
+    setting, exit 2; with keys from the environment or from ``.dvc/config.local``, exit 0. No
+    secret is ever printed."""
+    project, bucket = tmp_path / "project", "remote-check"
+    project.mkdir()
+    _run(["git", "init", "-q"], project)
+    _run([*DVC, "init", "-q"], project)
+    _run([*DVC, "remote", "add", "-d", "storage", f"s3://{bucket}/dvc"], project)
+    _run([*DVC, "remote", "modify", "storage", "endpointurl", s3_alone], project)
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    bare |= {
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
+    }
+    keys = {"AWS_ACCESS_KEY_ID": "contrastive-test", "AWS_SECRET_ACCESS_KEY": services.SECRET_KEY}
+
+    def check(env: dict[str, str]) -> tuple[int, str, list[str]]:
+        done = subprocess.run(
+            [sys.executable, "-m", "contrastive.cli", "remote", "check"],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+        assert services.SECRET_KEY not in done.stdout + done.stderr
+        return done.returncode, done.stdout, done.stderr.strip().splitlines()
+
+    label = f"contrastive remote: error: DVC remote 'storage' (s3://{bucket}/dvc)"
+    status, out, err = check(bare)
+    assert (status, out, len(err)) == (2, "", 1), err
+    assert err[0].startswith(
+        f"{label} has no credentials: set AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY, or `dvc remote modify --local storage "
+        "access_key_id ...`"
+    ), err
+
+    status, out, err = check(bare | keys)
+    assert (status, out, len(err)) == (2, "", 1), err
+    assert err[0].startswith(f"{label}: bucket '{bucket}' does not exist at {s3_alone}: "), err
+
+    for key, value in keys.items():
+        monkeypatch.setenv(key, value)
+    services.make_bucket(s3_alone, bucket)
+    answers = f"DVC remote 'storage' (s3://{bucket}/dvc): bucket '{bucket}' answers at {s3_alone}"
+    status, out, err = check(bare | keys)
+    assert (status, err) == (0, []), err
+    assert out.strip() == f"{answers} (credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+
+    _run(
+        [*DVC, "remote", "modify", "--local", "storage", "access_key_id", "contrastive-test"],
+        project,
+    )
+    _run(
+        [*DVC, "remote", "modify", "--local", "storage", "secret_access_key", services.SECRET_KEY],
+        project,
+    )
+    status, out, err = check(bare)
+    assert (status, err) == (0, []), err
+    assert out.strip() == (
+        f"{answers} (credentials from the remote's access_key_id / secret_access_key)"
+    )
+
+
+@pytest.fixture
+def prefect_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A real ``prefect server start`` on 127.0.0.1 with its own PREFECT_HOME and SQLite
+    database in ``tmp_path``: its API URL and its home. Stopped as Ctrl-C stops it (SIGINT),
+    which must end it cleanly: exit status 0 within 30 s."""
+    home, port = tmp_path / "prefect-server", services.free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        "PREFECT_UI_ENABLED": "false",
+    }
+    log = tmp_path / "prefect-server.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [
+                str(services.BIN / "prefect"),
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        services.wait_until(
+            lambda: services.answers(f"{url}/health"), "prefect server start", server, 180
+        )
+        yield url, home
+        server.send_signal(signal.SIGINT)
+        assert server.wait(30) == 0, log.read_text(errors="replace")[-3000:]
+        assert "Server stopped!" in log.read_text(errors="replace")
+    finally:
+        services.stop(server)
+
+
+def test_a_deployment_runs_from_a_standalone_prefect_server_through_a_process_worker(
+    project: Path, prefect_server: tuple[str, Path], tmp_path: Path
+) -> None:
+    """The documented route (docs/deploy.md) against a real ``prefect server start``: a process
+    work pool, ``prefect deploy`` from pipeline/prefect.yaml, a flow run of the deployment, and
+    ``prefect worker start --run-once`` picks it up and runs the flow in the project (a copy of
+    the reproduced one: every stage's task runs and finds its stage up to date). The run ends
+    Completed, with one task per stage, each waiting for the one before."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url, home = prefect_server
+    assert (home / "prefect.db").is_file()  # the server's own SQLite database, in its home
+    copy = tmp_path / "project"
+    shutil.copytree(project, copy)
+    shutil.copytree(
+        Path(__file__).resolve().parents[1] / "pipeline",
+        copy / "pipeline",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": url,
+        "PREFECT_HOME": str(tmp_path / "client-home"),
+        "PATH": f"{services.BIN}{os.pathsep}{os.environ['PATH']}",
+    }
+
+    def prefect_cli(*args: str) -> str:
+        done = subprocess.run(
+            [str(services.BIN / "prefect"), *args],
+            cwd=copy,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=600,
+        )
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        return done.stdout + done.stderr
+
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as prefect:
+        prefect.create_work_pool(WorkPoolCreate(name="contrastive-process", type="process"))
+        prefect_cli(
+            "--no-prompt",
+            "deploy",
+            "--prefect-file",
+            "pipeline/prefect.yaml",
+            "--name",
+            "scheduled",
+        )
+        deployment = prefect.read_deployment_by_name("retrain/scheduled")
+        assert deployment.work_pool_name == "contrastive-process"
+        flow_run = prefect.create_flow_run_from_deployment(deployment.id)
+        worker = prefect_cli("worker", "start", "--pool", "contrastive-process", "--run-once")
+        finished = prefect.read_flow_run(flow_run.id)
+        assert finished.state is not None and finished.state.is_completed(), worker[-3000:]
+        tasks = prefect.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
+        )
+    stages = ["prepare", "pretrain", "probe", "export", "register"]
+    by_name = {run.name: run for run in tasks}
+    assert sorted(by_name) == sorted(stages) and len(tasks) == len(stages), sorted(by_name)
+    ids = {run.id: run.name for run in tasks}
+    for before, after in zip(stages, stages[1:], strict=False):
+        waits = [ids.get(i.id) for i in by_name[after].task_inputs.get("wait_for", [])]
+        assert waits == [before], (after, waits)
+        assert by_name[before].end_time <= by_name[after].start_time
+    assert all(run.state is not None and run.state.is_completed() for run in tasks)

@@ -3,7 +3,7 @@
 Each stage reads ``params.yaml``, calls one library function with the project's standard paths, and
 writes its outputs. DVC runs these commands; Prefect runs DVC; tests call the same functions.
 ``registry``, ``embed``, ``index``, ``search`` and ``anomaly`` serve people who use the registered
-models.
+models; ``remote check`` checks the DVC remote before ``dvc push`` / ``dvc pull``.
 Bad params or data end with one line on stderr and exit status 2; a failed check ends with exit 1.
 """
 
@@ -120,6 +120,12 @@ def _registry(args: argparse.Namespace) -> Any:
     return registry.rollback(params, args.reason)
 
 
+def _remote(args: argparse.Namespace) -> str:
+    from contrastive.remote import check
+
+    return check(args.project, args.remote)
+
+
 def _embed(args: argparse.Namespace) -> dict[str, Any]:
     from contrastive.inference import embed
 
@@ -200,6 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("version", metavar="VERSION", help="version number or alias")
         if action in ("promote", "rollback"):
             command.add_argument("--reason", required=True, help="why; recorded on the version")
+
+    remote = sub.add_parser("remote", help="check the DVC remote before dvc push / dvc pull")
+    remote_actions = remote.add_subparsers(dest="action", required=True)
+    remote_check = remote_actions.add_parser(
+        "check",
+        help="credentials resolve and the bucket answers (s3 remotes)",
+        description="read the DVC remote from DVC's config; for an s3 remote, check that "
+        "credentials resolve (the remote's own, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a "
+        "profile) and that the bucket answers at the remote's endpointurl; one line and exit "
+        "status 2 naming the setting to fix",
+    )
+    remote_check.add_argument("--remote", metavar="NAME", help="the remote (DVC's default)")
+    remote_check.add_argument("--project", default=".", help="the DVC project's folder (.)")
+    remote_check.set_defaults(run=_remote)
 
     model_help = "models:/NAME@ALIAS, models:/NAME/VERSION, or an .onnx file"
     champion = "models:/contrastive-encoder@champion"
