@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import getpass
 import json
+import logging
 import multiprocessing
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -202,6 +205,99 @@ def test_store_lock_refuses_after_its_timeout(tmp_path: Path,
     thread.join()
     with store.store_lock(uri):  # free again
         pass
+
+
+def _lease_store(tmp_path: Path) -> tuple[Any, str]:
+    """A client of a new SQLite store: its unique names hold as a server's do."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return store.connect(uri), uri
+
+
+LEASE = f"{NAME}{store.LEASE_SUFFIX}"
+
+
+def test_a_lease_is_held_by_one_holder_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second holder gives up after LOCK_TIMEOUT_S, or waits until the first lets go; the lease
+    says who holds it and is gone afterwards."""
+    client, uri = _lease_store(tmp_path)
+    held, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def holder() -> None:
+        with store.lease(client, LEASE, uri):
+            held.set()
+            release.wait(30)
+            order.append("first released")
+
+    def waiter() -> None:
+        with store.lease(client, LEASE, uri):
+            order.append("second acquired")
+
+    first = threading.Thread(target=holder)
+    first.start()
+    assert held.wait(30)
+    tags = client.get_registered_model(LEASE).tags
+    assert tags["pid"] == str(os.getpid()) and {"owner", "host", "acquired_at"} <= set(tags)
+    monkeypatch.setattr(store, "LOCK_TIMEOUT_S", 0.5)
+    with (
+        pytest.raises(store.TrackingError, match="another registration holds it"),
+        store.lease(client, LEASE, uri),
+    ):
+        pass
+    monkeypatch.setattr(store, "LOCK_TIMEOUT_S", 60)
+    second = threading.Thread(target=waiter)
+    second.start()
+    second.join(1.0)
+    assert second.is_alive() and order == []  # waiting
+    release.set()
+    first.join(30)
+    second.join(30)
+    assert order == ["first released", "second acquired"]
+    assert [m.name for m in client.search_registered_models()] == []
+
+
+def test_an_abandoned_lease_is_broken_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another machine's lease is broken only once older than LEASE_STALE_S; one of this machine
+    at once when its process has ended."""
+    client, uri = _lease_store(tmp_path)
+    elsewhere = {"owner": "ann", "host": "elsewhere", "pid": "1", "acquired_at": "then"}
+    client.create_registered_model(LEASE, tags=elsewhere)
+    monkeypatch.setattr(store, "LOCK_TIMEOUT_S", 0.3)
+    with (  # fresh: kept
+        pytest.raises(store.TrackingError, match="ann on elsewhere, pid 1"),
+        store.lease(client, LEASE, uri),
+    ):
+        pass
+    monkeypatch.setattr(store, "LEASE_STALE_S", 0.2)
+    time.sleep(0.3)
+    with (
+        caplog.at_level(logging.WARNING, logger="contrastive.store"),
+        store.lease(client, LEASE, uri),
+    ):
+        assert client.get_registered_model(LEASE).tags["pid"] == str(os.getpid())
+    assert "broke the abandoned lease" in caplog.text and "ann on elsewhere" in caplog.text
+
+    monkeypatch.setattr(store, "LEASE_STALE_S", 1800)
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    here = {**elsewhere, "host": socket.gethostname(), "pid": ended}
+    client.create_registered_model(LEASE, tags=here)
+    caplog.clear()
+    with (
+        caplog.at_level(logging.WARNING, logger="contrastive.store"),
+        store.lease(client, LEASE, uri),
+    ):
+        pass
+    assert "its process on this machine has ended" in caplog.text
+    assert [m.name for m in client.search_registered_models()] == []
 
 
 # --- end to end through a real SQLite store -----------------------------------------------------

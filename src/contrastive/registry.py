@@ -15,15 +15,16 @@ if that is impossible the gate refuses. A version whose ONNX parity failed or wh
 missing is never promoted. The decision and its reason are tags on the version (``gate.*``) and go
 into ``reports/registry.json``.
 
-Guarantees. A registration holds a lock on the store (:func:`~contrastive.store.store_lock`)
-from the moment it opens the store (which creates the schema of a new one) until its aliases are
-set, so registrations and manual promotions on one machine, or on machines sharing the SQLite
-folder, happen one after another: each decision sees the champion the previous one left, and the
-champion only ever moves to a version that beat it (or that a person chose). Against a remote
-server used from several machines at once the lock does not reach: there the last writer of the
-alias wins. Aliases are written in an order that a retry can finish (``previous-champion``, then
-``champion``, then ``challenger``), and ``gate.status`` says whether a version's decision was
-fully applied.
+Guarantees. A registration holds the store (:func:`~contrastive.store.registry_lock`) from the
+moment it opens it (which creates the schema of a new one) until its aliases are set, so
+registrations and manual promotions happen one after another: each decision sees the champion the
+previous one left, and the champion only ever moves to a version that beat it (or that a person
+chose). On one machine, or machines sharing the SQLite folder, a file lock does it; against a
+tracking server or a database that several machines use, a lease on the store too (a registered
+model ``<model_name>.lock`` without versions, which exists only while a registration runs; it is
+not one of ``registry list``'s versions). Aliases are written in an order that a retry can finish
+(``previous-champion``, then ``champion``, then ``challenger``), and ``gate.status`` says whether a
+version's decision was fully applied.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from contrastive.store import (
     ensure_experiment,
     first_line,
     mlflow_errors,
-    store_lock,
+    registry_lock,
     tracking_uri,
 )
 from contrastive.tracking import STATE_TAG, RunRecord, Snapshot, find_or_log_run, read_snapshot
@@ -331,7 +332,7 @@ def register_stage(params: Params, root: str | Path = ".") -> dict[str, Any]:
     root = Path(root)
     snapshot = read_snapshot(params, root)
     uri, name = tracking_uri(), params.registry.model_name
-    with store_lock(uri), mlflow_errors("registering the model", uri):
+    with registry_lock(uri, name), mlflow_errors("registering the model", uri):
         client = connect(uri)  # under the lock: opening a new store creates its schema
         experiment_id = ensure_experiment(client, params.registry.experiment, uri)
         run = find_or_log_run(client, experiment_id, snapshot, root)
@@ -451,7 +452,7 @@ def promote(params: Params, ref: str, reason: str) -> dict[str, Any]:
     name = params.registry.model_name
     uri = tracking_uri()
     client = connect(uri, must_exist=True)
-    with store_lock(uri), mlflow_errors(f"promoting {name} {ref}", uri):
+    with registry_lock(uri, name), mlflow_errors(f"promoting {name} {ref}", uri):
         version = resolve(client, name, ref)
         number = str(version.version)
         if version.tags.get("gate.decision") == "rejected":
@@ -466,7 +467,7 @@ def rollback(params: Params, reason: str) -> dict[str, Any]:
     name = params.registry.model_name
     uri = tracking_uri()
     client = connect(uri, must_exist=True)
-    with store_lock(uri), mlflow_errors(f"rolling back {name}", uri):
+    with registry_lock(uri, name), mlflow_errors(f"rolling back {name}", uri):
         resolve(client, name, CHAMPION)  # one clear line if there is no champion
         previous = alias_version(client, name, PREVIOUS)
         if previous is None:

@@ -4,18 +4,25 @@ The store is ``MLFLOW_TRACKING_URI`` when set, else the embedded ``sqlite:///mlf
 project with artifacts in ``mlartifacts/`` beside it. Every MLflow call that can fail because of
 the store (server unreachable, SQLite locked, registry error) runs inside :func:`mlflow_errors`,
 which turns the failure into one :class:`TrackingError` line saying what failed and how to retry.
+Changes to the registry happen one at a time (:func:`registry_lock`): a file lock serialises the
+processes of one machine, and a lease on the store itself those of every machine sharing a
+tracking server or a database.
 """
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
 import logging
 import os
+import random
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +37,15 @@ REFUSED_CREDENTIALS = ("password authentication failed", "Access denied for user
 setting to fix (exit 2), not a failure to retry."""
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
 """Tracking URIs that name a database server (``postgresql://`` or ``postgresql+psycopg2://``)."""
+SHARED_STORES = ("http://", "https://", *DATABASE_SCHEMES)
+"""Stores that several machines may use at once: a tracking server, a database server."""
+LEASE_SUFFIX = ".lock"
+LEASE_STALE_S = 1800
+"""A lease older than this was abandoned (its holder died without deleting it) and may be broken.
+It must exceed the longest registration (both models uploaded, the champion re-scored): a
+registration still running after this long may lose its lease to a waiter."""
+
+log = logging.getLogger(__name__)
 
 
 class TrackingError(StageFailed):
@@ -169,7 +185,7 @@ def store_lock(uri: str) -> Iterator[None]:
 
     The lock sits beside a SQLite file, or in the temporary folder keyed by the URI for a server.
     It serialises every process on this machine (and on any machine sharing the SQLite folder);
-    processes on other machines that register into the same server are not covered.
+    for processes on other machines that use the same server, :func:`registry_lock` adds a lease.
     """
     from filelock import FileLock, Timeout
 
@@ -191,6 +207,140 @@ def store_lock(uri: str) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+@contextmanager
+def registry_lock(uri: str, name: str) -> Iterator[None]:
+    """Hold the store for a change to registered model ``name``: :func:`store_lock` on this
+    machine and, when the store is shared (:data:`SHARED_STORES`), :func:`lease` on the store."""
+    with store_lock(uri), ExitStack() as stack:
+        if uri.startswith(SHARED_STORES):
+            stack.enter_context(lease(connect(uri), f"{name}{LEASE_SUFFIX}", uri))
+        yield
+
+
+@contextmanager
+def lease(client: Any, lock: str, uri: str) -> Iterator[None]:
+    """Hold registered model ``lock`` on the store, so one process at a time holds it, from any
+    machine: the store refuses a second model of the same name, so creating it is atomic.
+
+    The lease has no versions; its tags say who holds it (owner, host, pid, acquired_at). A
+    waiter retries with growing pauses for up to :data:`LOCK_TIMEOUT_S`. The holder deletes the
+    lease when done; if it cannot (the store went down), the lease counts as abandoned, and is
+    broken with a WARNING, once its process on this machine has ended, or from any machine once
+    it is older than :data:`LEASE_STALE_S`. Breaking is not atomic: two waiters breaking the
+    same lease at the same instant could both go on, which only an abandoned lease makes possible.
+    """
+    from mlflow.exceptions import MlflowException
+
+    tags = {
+        "owner": getpass.getuser(),
+        "host": socket.gethostname(),
+        "pid": str(os.getpid()),
+        "acquired_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    note = "A lease, not a model: held by `contrastive` while it changes the registry."
+    deadline, pause = time.monotonic() + LOCK_TIMEOUT_S, 0.1
+    with mlflow_errors(f"taking the lease {lock}", uri):
+        while True:
+            try:
+                client.create_registered_model(lock, tags=tags, description=note)
+                break
+            except MlflowException as exc:  # held; or released while the store looked
+                if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
+                    raise
+            holder = _lease_holder(client, lock)
+            if holder is None:
+                continue  # released while the store looked: try again at once
+            why = _abandoned(holder)
+            if why:
+                log.warning(
+                    "broke the abandoned lease %s at %s (%s; held by %s)",
+                    lock,
+                    display_uri(uri),
+                    why,
+                    _held_by(holder),
+                )
+                _break(client, lock, holder)
+                continue
+            if time.monotonic() > deadline:
+                raise TrackingError(
+                    f"{lock} at {display_uri(uri)}: another registration holds it (held by "
+                    f"{_held_by(holder)}); gave up after {LOCK_TIMEOUT_S} s. Retry when it has "
+                    f"finished (a lease whose holder died is broken after {LEASE_STALE_S} s)"
+                )
+            time.sleep(pause * random.uniform(1, 1.5))  # jitter: waiters spread out
+            pause = min(2 * pause, 5.0)
+    try:
+        yield
+    finally:
+        try:
+            client.delete_registered_model(lock)
+        except Exception as exc:  # the store failed: the lease is broken later as abandoned
+            log.warning(
+                "could not release the lease %s at %s (%s); it is broken when abandoned",
+                lock,
+                display_uri(uri),
+                first_line(exc),
+            )
+
+
+def _lease_holder(client: Any, lock: str) -> Any | None:
+    """The registered model that is the lease, or None when nobody holds it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(lock)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
+def _abandoned(holder: Any) -> str | None:
+    """Why the lease ``holder`` was abandoned, or None while its holder may still be working."""
+    age = time.time() - holder.creation_timestamp / 1000  # the store's clock against ours
+    if age > LEASE_STALE_S:
+        return f"{age:.0f} s old, more than {LEASE_STALE_S} s"
+    tags = holder.tags
+    if tags.get("host") == socket.gethostname() and not _running(tags.get("pid", "")):
+        return "its process on this machine has ended"
+    return None
+
+
+def _running(pid: str) -> bool:
+    """Whether process ``pid`` of this machine is running (unknown counts as running)."""
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (ValueError, PermissionError):  # no pid; or another user's process
+        pass
+    return True
+
+
+def _held_by(holder: Any) -> str:
+    """Who holds the lease, from its tags: ``user on host, pid 123, since <time>``."""
+    tags = holder.tags
+    return (
+        f"{tags.get('owner', '?')} on {tags.get('host', '?')}, pid {tags.get('pid', '?')}, "
+        f"since {tags.get('acquired_at', '?')}"
+    )
+
+
+def _break(client: Any, lock: str, holder: Any) -> None:
+    """Delete the abandoned lease ``holder``, unless another waiter broke it and took the lease
+    meanwhile (a lease of another creation time)."""
+    from mlflow.exceptions import MlflowException
+
+    current = _lease_holder(client, lock)
+    if current is None or current.creation_timestamp != holder.creation_timestamp:
+        return
+    try:
+        client.delete_registered_model(lock)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
 
 
 def ensure_experiment(client: Any, name: str, uri: str) -> str:
