@@ -585,6 +585,37 @@ def test_unreachable_store_fails_at_once_naming_the_setting_and_touches_nothing(
     assert main(["registry", "list"]) == 2 and "MLFLOW_TRACKING_URI" in capsys.readouterr().err
 
 
+def test_a_missing_bucket_is_one_line_naming_the_setting_and_records_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The experiment's artifact location is in an S3 bucket that does not exist (moto's mock
+    S3): exit 2 before any write, one line naming the bucket and the setting; no run, no
+    version, the pipeline's files as they were."""
+    moto = pytest.importorskip("moto")
+    make_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_S3_ENDPOINT_URL", raising=False)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(key, "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    before = {p: p.read_bytes() for p in tmp_path.glob("[dmpr]*/**/*") if p.is_file()}
+    with moto.mock_aws():
+        store.connect(uri).create_experiment("contrastive", artifact_location="s3://gone/art")
+        capsys.readouterr()  # MLflow's lines about the new store's schema
+        assert main(["register"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "contrastive register: error: the artifact location of experiment 'contrastive' is "
+        "s3://gone/art, and its bucket 'gone' does not exist"
+    ), err
+    assert versions() == {} and runs() == []
+    assert not (tmp_path / registry.REPORT).exists()
+    assert before == {p: p.read_bytes() for p in tmp_path.glob("[dmpr]*/**/*") if p.is_file()}
+
+
 def test_gate_through_the_store(project: Path, monkeypatch: pytest.MonkeyPatch,
                                 capsys: pytest.CaptureFixture) -> None:
     probe_top1 = ("pretrained", "linear_top1")

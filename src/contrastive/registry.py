@@ -43,6 +43,7 @@ from contrastive.config import ConfigError, Params
 from contrastive.files import write_json
 from contrastive.store import (
     TrackingError,
+    check_artifact_store,
     connect,
     display_uri,
     ensure_experiment,
@@ -335,6 +336,7 @@ def register_stage(params: Params, root: str | Path = ".") -> dict[str, Any]:
     with registry_lock(uri, name), mlflow_errors("registering the model", uri):
         client = connect(uri)  # under the lock: opening a new store creates its schema
         experiment_id = ensure_experiment(client, params.registry.experiment, uri)
+        check_artifact_store(client, experiment_id)  # a missing bucket: before any write
         run = find_or_log_run(client, experiment_id, snapshot, root)
         version = find_version(client, name, snapshot.state_key)
         new_version = version is None

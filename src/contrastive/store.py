@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+import re
 import socket
 import tempfile
 import time
@@ -25,6 +26,7 @@ from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from contrastive.config import ConfigError, Params, StageFailed, flatten
 
@@ -39,6 +41,9 @@ DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
 """Tracking URIs that name a database server (``postgresql://`` or ``postgresql+psycopg2://``)."""
 SHARED_STORES = ("http://", "https://", *DATABASE_SCHEMES)
 """Stores that several machines may use at once: a tracking server, a database server."""
+BUCKET_PROBE = "contrastive-bucket-check"
+"""A path under an experiment's artifact location that nothing writes: listing it costs one
+request and answers whether the location's bucket exists."""
 LEASE_SUFFIX = ".lock"
 LEASE_STALE_S = 1800
 """A lease older than this was abandoned (its holder died without deleting it) and may be broken.
@@ -354,6 +359,44 @@ def ensure_experiment(client: Any, name: str, uri: str) -> str:
             )
         return experiment.experiment_id
     return client.create_experiment(name, artifact_location=artifact_location(uri))
+
+
+def check_artifact_store(client: Any, experiment_id: str) -> None:
+    """Fail before anything is written, with one line naming the setting, when the experiment's
+    artifacts would go to a bucket that does not exist.
+
+    The setting is the MLflow server's ``--artifacts-destination`` when the server stores the
+    artifacts (an ``mlflow-artifacts:`` location); else the experiment's artifact location (from
+    the server's ``--default-artifact-root``, or given when the experiment was made), which this
+    process writes to itself, at ``MLFLOW_S3_ENDPOINT_URL`` when set. A missing bucket answers
+    RESOURCE_DOES_NOT_EXIST, which a missing folder in a bucket does not; any other failure is
+    left to :func:`mlflow_errors`.
+    """
+    import mlflow
+
+    experiment = client.get_experiment(experiment_id)
+    location = experiment.artifact_location
+    try:
+        mlflow.artifacts.list_artifacts(artifact_uri=f"{location.rstrip('/')}/{BUCKET_PROBE}")
+    except Exception as exc:
+        text = f"{getattr(exc, 'error_code', '')} {exc}"  # a server's answer is in the text
+        if "RESOURCE_DOES_NOT_EXIST" not in text:
+            raise
+        if location.startswith("mlflow-artifacts:"):  # the server writes: its own setting
+            named = re.search(r"artifacts in (\S+?): ", text)  # the server names it
+            destination = named[1] if named else "?"
+            setting = (
+                "the MLflow server's artifact destination (mlflow server --artifacts-destination)"
+            )
+        else:
+            endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+            destination = location
+            setting = f"the artifact location of experiment '{experiment.name}'"
+            setting += f" (at MLFLOW_S3_ENDPOINT_URL {endpoint})" if endpoint else ""
+        raise ConfigError(
+            f"{setting} is {destination}, and its bucket '{urlparse(destination).netloc}' does "
+            "not exist; create the bucket or change the setting (no run or version was recorded)"
+        ) from None
 
 
 def logged_params(params: Params) -> dict[str, str]:
