@@ -5,9 +5,12 @@ PostgreSQL, an S3-compatible store (moto's server), and an ``mlflow server`` on 
 - ``dvc push`` to a DVC remote in the same store, then ``dvc pull`` in a fresh clone restores every
   output, and ``dvc status`` finds nothing stale;
 - two registrations racing from two processes lose and duplicate nothing, and ``champion`` ends
-  on the better model;
+  on the better model, also when the processes share no file lock (two machines): the lease on
+  the server serialises them;
 - a server killed in the middle of ``contrastive register`` leaves the pipeline's files intact,
   and the rerun finishes without a second version;
+- a server whose artifact destination names a bucket that does not exist: one line naming it,
+  exit 2, no run and no version;
 - no secret of the environment (S3 key, database password) reaches an MLflow param, tag,
   artifact, or the pipeline's output.
 
@@ -30,6 +33,7 @@ import mlflow
 import pytest
 import yaml
 
+from contrastive import store
 from contrastive.config import load_params
 from contrastive.provenance import _dvc_outputs
 from contrastive.tracking import STATE_TAG, read_snapshot
@@ -190,21 +194,124 @@ def test_two_racing_registrations_lose_and_duplicate_nothing(project: Path,
         assert version.tags["gate.status"] == "done"
 
 
-def test_server_killed_mid_register_then_rerun_finishes_once(project: Path, tmp_path: Path,
-                                                             stack: dict[str, str]) -> None:
+def test_racing_registrations_from_two_machines_are_serialised_by_the_server(
+    project: Path, tmp_path: Path
+) -> None:
+    """Each process has its own temporary folder, so their file locks differ, as on two
+    machines: only the lease on the server (the registered model ``<name>.lock``) serialises
+    them. The second gate sees the champion the first left, and the lease is gone after."""
+    first = _variant(project, tmp_path, "d", {"train": {"epochs": 5}})
+    second = _variant(project, tmp_path, "e", {"train": {"epochs": 6}})
+    states = {read_snapshot(load_params(p / "params.yaml"), p).state_key for p in (first, second)}
+    before = {v.version for v in versions()}
+    champion_before = client().get_model_version_by_alias(NAME, "champion").version
+    racing = []
+    for machine, folder in enumerate((first, second)):
+        tmp = tmp_path / f"machine-{machine}"
+        tmp.mkdir()
+        env = {
+            **os.environ,
+            "TMPDIR": str(tmp),
+            "PATH": f"{services.BIN}{os.pathsep}{os.environ['PATH']}",
+        }
+        racing.append(
+            subprocess.Popen(
+                [str(services.BIN / "contrastive"), "register"],
+                cwd=folder,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = [r.communicate(timeout=600)[0] for r in racing]
+    assert [r.returncode for r in racing] == [0, 0], outputs
+    for tmp in tmp_path.glob("machine-*"):  # the file locks were apart
+        assert len(list(tmp.glob("contrastive-registry-*.lock"))) == 1
+
+    new = sorted((v for v in versions() if v.version not in before), key=lambda v: int(v.version))
+    assert len(new) == 2 and {v.tags[STATE_TAG] for v in new} == states  # none lost or doubled
+    assert {v.tags["gate.status"] for v in new} == {"done"}
+    earlier, later = new
+    left = earlier.version if earlier.tags["gate.decision"] == "promoted" else champion_before
+    assert later.tags["gate.compared_with"] == left  # the second gate saw the first's champion
+    runs = sorted((client().get_run(v.run_id).info for v in new), key=lambda r: r.start_time)
+    assert runs[0].end_time <= runs[1].start_time  # one registration after the other
+    champion = client().get_model_version_by_alias(NAME, "champion")
+    assert float(champion.tags["linear_top1"]) == max(
+        float(v.tags["linear_top1"]) for v in versions()
+    )
+    assert NAME + store.LEASE_SUFFIX not in {m.name for m in client().search_registered_models()}
+
+
+def test_a_missing_bucket_is_one_line_naming_it_and_records_nothing(
+    project: Path, tmp_path: Path, stack: dict[str, str]
+) -> None:
+    """An ``mlflow server`` whose ``--artifacts-destination`` names a bucket that the S3 server
+    does not have: exit 2, one line naming the bucket and the setting, the pipeline's files as
+    they were, and no run, no version, no lease left on the server."""
+    copy = tmp_path / "copy"
+    shutil.copytree(project, copy, ignore=shutil.ignore_patterns(".dvc", ".git", "checkpoints"))
+    before = _hashes(copy)
+    assert "reports/registry.json" in before  # the earlier report stays as it was
+    server = services.MlflowServer(
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "s3://no-such-bucket/mlartifacts",
+        tmp_path / "mlflow.log",
+    )
+    server.start()
+    try:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri}
+        done = subprocess.run(
+            [str(services.BIN / "contrastive"), "register"],
+            cwd=copy,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=300,
+        )
+        other = mlflow.MlflowClient(tracking_uri=server.uri)
+        experiment = other.get_experiment_by_name("contrastive")
+        runs = other.search_runs([experiment.experiment_id]) if experiment else []
+        models = other.search_registered_models()
+    finally:
+        server.stop()
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stdout + done.stderr
+    assert lines[0].startswith(
+        "contrastive register: error: the MLflow server's artifact destination (mlflow server "
+        "--artifacts-destination) is s3://no-such-bucket/mlartifacts, and its bucket "
+        "'no-such-bucket' does not exist"
+    ), lines
+    assert runs == [] and models == []
+    assert _hashes(copy) == before
+
+
+def test_server_killed_mid_register_then_rerun_finishes_once(
+    project: Path, tmp_path: Path, stack: dict[str, str]
+) -> None:
     variant = _variant(project, tmp_path, "c", {"probe": {"knn_k": 15}})
     state = read_snapshot(load_params(variant / "params.yaml"), variant).state_key
     before = _hashes(variant)
     server: services.MlflowServer = stack["server"]  # type: ignore[assignment]
     experiment = client().get_experiment_by_name("contrastive").experiment_id
     env = {**os.environ, "PATH": f"{services.BIN}{os.pathsep}{os.environ['PATH']}"}
-    register = subprocess.Popen([str(services.BIN / "contrastive"), "register"], cwd=variant,
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+    register = subprocess.Popen(
+        [str(services.BIN / "contrastive"), "register"],
+        cwd=variant,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         services.wait_until(
             lambda: client().search_runs([experiment], f"tags.{STATE_TAG} = '{state}'"),
-            "the register's run", register, 300)
+            "the register's run",
+            register,
+            300,
+        )
         server.kill()
         output = register.communicate(timeout=300)[0]
     finally:
