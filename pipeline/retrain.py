@@ -41,7 +41,7 @@ from prefect.tasks import Task, exponential_backoff
 
 from contrastive.cli import plain
 from contrastive.config import ConfigError
-from contrastive.remote import without_password
+from contrastive.store import check_answers
 from pipeline import stages
 from pipeline.report import REGISTRY_REPORT, Registration, RetrainResult, StageRun, metrics_table
 from pipeline.report import markdown as summary_markdown
@@ -280,27 +280,13 @@ def local_server(port: int) -> Iterator[str]:
 def check_api(url: str, attempts: int = 3, wait_s: float = 2.0) -> None:
     """Fail fast, with one line naming ``PREFECT_API_URL``, when no Prefect server answers at
     ``url``: Prefect's client would retry for about half a minute and end in an error that names
-    no setting. A server that answers at all (even 401 without its auth string) passes; one that
-    is only slow gets ``attempts`` tries of 10 s each, ``wait_s`` apart.
+    no setting.
 
     Raises:
         ConfigError: nothing answered.
     """
-    error: Exception | None = None
-    for attempt in range(attempts):
-        if attempt:
-            time.sleep(wait_s)
-        try:
-            httpx.get(f"{url.rstrip('/')}/health", timeout=10)
-            return
-        except httpx.HTTPError as exc:
-            error = exc
-    reason = one_line(error) if error is not None else "no answer"
-    raise ConfigError(
-        f"PREFECT_API_URL: no Prefect server answers at {without_password(url)} after "
-        f"{attempts} tries ({reason}); start it (prefect server start) or fix the URL, or unset "
-        "it for a temporary local server"
-    )
+    check_answers(url, "PREFECT_API_URL", "Prefect server", "start it (prefect server start) or "
+                  "fix the URL, or unset it for a temporary local server", attempts, wait_s)
 
 
 def _healthy(url: str) -> bool:

@@ -796,3 +796,12 @@ def test_every_manual_decision_stays_on_record(tmp_path: Path, monkeypatch: pyte
 def test_reports_show_no_machine_path_and_no_credentials(tmp_path: Path, uri: str,
                                                          shown: str) -> None:
     assert store.display_uri(uri.format(root=tmp_path), tmp_path) == shown
+
+
+def test_a_store_failure_line_never_shows_the_uris_password() -> None:
+    uri = "postgresql://mlflow:s3cret-pw@db.example:5432/mlflow?sslmode=require"
+    with pytest.raises(store.TrackingError) as failure, store.mlflow_errors("registering", uri):
+        raise MlflowException("the server said no")
+    message = str(failure.value)
+    assert "s3cret-pw" not in message and "db.example:5432/mlflow" in message
+    assert message.startswith("registering failed at postgresql://db.example:5432/mlflow: ")

@@ -103,10 +103,18 @@ def connect(uri: str | None = None, must_exist: bool = False) -> Any:
 def check_server(uri: str, attempts: int = SERVER_ATTEMPTS, wait_s: float = 2.0) -> None:
     """Fail fast, with one line naming ``MLFLOW_TRACKING_URI``, when no server answers at ``uri``.
 
-    MLflow's client would retry a refused connection for minutes before failing. A server that
-    answers at all (even 401 without credentials) passes; one that is only slow gets
-    ``attempts`` tries of 10 s each, ``wait_s`` apart. Nothing is written before this check.
+    MLflow's client would retry a refused connection for minutes before failing. Nothing is
+    written before this check.
     """
+    check_answers(uri, "MLFLOW_TRACKING_URI", "MLflow server", "start the server or fix the URI",
+                  attempts, wait_s)
+
+
+def check_answers(url: str, setting: str, server: str, remedy: str,
+                  attempts: int = SERVER_ATTEMPTS, wait_s: float = 2.0) -> None:
+    """Raise :class:`ConfigError`, one line naming ``setting``, when no ``server`` answers at
+    ``url`` (its ``/health``). A server that answers at all (even 401 without credentials)
+    passes; one that is only slow gets ``attempts`` tries of 10 s each, ``wait_s`` apart."""
     import requests
 
     error: Exception | None = None
@@ -114,14 +122,14 @@ def check_server(uri: str, attempts: int = SERVER_ATTEMPTS, wait_s: float = 2.0)
         if attempt:
             time.sleep(wait_s)
         try:
-            requests.get(f"{uri.rstrip('/')}/health", timeout=10)
+            requests.get(f"{url.rstrip('/')}/health", timeout=10)
             return
         except requests.RequestException as exc:
             error = exc
     assert error is not None
     raise ConfigError(
-        f"MLFLOW_TRACKING_URI: no MLflow server answers at {display_uri(uri)} after {attempts} "
-        f"tries ({first_line(error, 120)}); start the server or fix the URI"
+        f"{setting}: no {server} answers at {display_uri(url)} after {attempts} tries "
+        f"({first_line(error, 120)}); {remedy}"
     )
 
 
@@ -177,8 +185,8 @@ def mlflow_errors(action: str, uri: str | None = None) -> Iterator[None]:
                 "its user or password; fix the credentials in the URI (or the environment)"
             ) from None
         raise TrackingError(
-            f"{action} failed at {uri or tracking_uri()}: {first_line(exc)}. The pipeline's "
-            "files are intact. Fix the store (server up? SQLite file free?) and retry; "
+            f"{action} failed at {display_uri(uri or tracking_uri())}: {first_line(exc)}. The "
+            "pipeline's files are intact. Fix the store (server up? SQLite file free?) and retry; "
             "`dvc repro` or `contrastive register` then reuses the run and version already "
             "recorded"
         ) from exc
