@@ -173,15 +173,14 @@ def _roi_align() -> Callable[..., torch.Tensor]:
     that library is not found under a known name, torchvision itself is imported.
     """
     spec = importlib.util.find_spec("torchvision")  # finds the package without importing it
-    folder = spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else ""
-    finder = importlib.machinery.FileFinder(
-        folder, (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES)
-    )
-    for name in ("_C_stable", "_C"):  # torchvision >= 0.29, and before
-        library = finder.find_spec(name) if folder else None
-        if library is not None and library.origin is not None:
-            torch.ops.load_library(library.origin)
-            return torch.ops.torchvision.roi_align
+    if spec is not None and spec.submodule_search_locations:
+        loaders = (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES)
+        finder = importlib.machinery.FileFinder(spec.submodule_search_locations[0], loaders)
+        for name in ("_C_stable", "_C"):  # torchvision >= 0.29, and before
+            library = finder.find_spec(name)
+            if library is not None and library.origin is not None:
+                torch.ops.load_library(library.origin)
+                return torch.ops.torchvision.roi_align
     import torchvision.ops  # noqa: F401  (loads the library under whatever name it has)
 
     return torch.ops.torchvision.roi_align
