@@ -16,7 +16,8 @@ import pytest
 from botocore.exceptions import ClientError
 
 from contrastive.cli import main
-from contrastive.remote import Remote, bucket_error, read_remote, without_password
+from contrastive.remote import Remote, bucket_error, read_remote
+from contrastive.store import without_credentials
 from tests.conftest import ROOT
 from tests.services import free_port
 
@@ -194,8 +195,8 @@ def test_bucket_errors_name_the_bucket_or_the_credentials() -> None:
 
 
 def test_urls_lose_their_password() -> None:
-    assert without_password("http://user:pw@host:9000/x") == "http://host:9000/x"
-    assert without_password("s3://bucket/path") == "s3://bucket/path"
+    assert without_credentials("http://user:pw@host:9000/x") == "http://host:9000/x"
+    assert without_credentials("s3://bucket/path") == "s3://bucket/path"
 
 
 def test_other_remotes_are_only_read(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

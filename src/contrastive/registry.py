@@ -333,8 +333,7 @@ def register_stage(params: Params, root: str | Path = ".") -> dict[str, Any]:
     root = Path(root)
     snapshot = read_snapshot(params, root)
     uri, name = tracking_uri(), params.registry.model_name
-    with registry_lock(uri, name), mlflow_errors("registering the model", uri):
-        client = connect(uri)  # under the lock: opening a new store creates its schema
+    with registry_lock(uri, name) as client, mlflow_errors("registering the model", uri):
         experiment_id = ensure_experiment(client, params.registry.experiment, uri)
         check_artifact_store(client, experiment_id)  # a missing bucket: before any write
         run = find_or_log_run(client, experiment_id, snapshot, root)
@@ -454,7 +453,7 @@ def promote(params: Params, ref: str, reason: str) -> dict[str, Any]:
     name = params.registry.model_name
     uri = tracking_uri()
     client = connect(uri, must_exist=True)
-    with registry_lock(uri, name), mlflow_errors(f"promoting {name} {ref}", uri):
+    with registry_lock(uri, name, client), mlflow_errors(f"promoting {name} {ref}", uri):
         version = resolve(client, name, ref)
         number = str(version.version)
         if version.tags.get("gate.decision") == "rejected":
@@ -469,7 +468,7 @@ def rollback(params: Params, reason: str) -> dict[str, Any]:
     name = params.registry.model_name
     uri = tracking_uri()
     client = connect(uri, must_exist=True)
-    with registry_lock(uri, name), mlflow_errors(f"rolling back {name}", uri):
+    with registry_lock(uri, name, client), mlflow_errors(f"rolling back {name}", uri):
         resolve(client, name, CHAMPION)  # one clear line if there is no champion
         previous = alias_version(client, name, PREVIOUS)
         if previous is None:

@@ -18,9 +18,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from contrastive.config import ConfigError
+from contrastive.store import without_credentials
 
 ADD_REMOTE = (
     "`make remote DVC_REMOTE_URL=s3://BUCKET/PATH` (or `dvc remote add --default storage "
@@ -60,15 +61,7 @@ class Remote:
     @property
     def label(self) -> str:
         """``'storage' (s3://bucket/path)``, as every message names the remote."""
-        return f"'{self.name}' ({without_password(self.url)})"
-
-
-def without_password(url: str) -> str:
-    """``url`` without the user and password of its authority (``http://user:pw@host``)."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+        return f"'{self.name}' ({without_credentials(self.url)})"
 
 
 def read_remote(project: Path | str = ".", name: str | None = None) -> Remote:
@@ -169,7 +162,7 @@ def check_s3(remote: Remote) -> str:
             f"DVC remote {remote.label}: {_first_line(exc, remote)}: check its endpointurl and "
             f"region (`dvc remote modify {remote.name} endpointurl URL`)"
         ) from None
-    where = without_password(endpoint or client.meta.endpoint_url)
+    where = without_credentials(endpoint or client.meta.endpoint_url)
     try:
         client.head_bucket(Bucket=bucket)
     except botocore.exceptions.ClientError as exc:
@@ -279,7 +272,7 @@ def _first_line(exc: BaseException, remote: Remote | None = None, limit: int = 1
     text = lines[0] if lines else type(exc).__name__
     if remote is not None:
         for url in (remote.url, str(remote.options.get("endpointurl") or "")):
-            text = text.replace(url, without_password(url)) if url else text
+            text = text.replace(url, without_credentials(url)) if url else text
         for option in SECRET_OPTIONS:
             secret = str(remote.options.get(option) or "")
             text = text.replace(secret, "***") if secret else text

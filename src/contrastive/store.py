@@ -26,7 +26,7 @@ from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 from contrastive.config import ConfigError, Params, StageFailed, flatten
 
@@ -223,13 +223,18 @@ def store_lock(uri: str) -> Iterator[None]:
 
 
 @contextmanager
-def registry_lock(uri: str, name: str) -> Iterator[None]:
+def registry_lock(uri: str, name: str, client: Any | None = None) -> Iterator[Any]:
     """Hold the store for a change to registered model ``name``: :func:`store_lock` on this
-    machine and, when the store is shared (:data:`SHARED_STORES`), :func:`lease` on the store."""
+    machine and, when the store is shared (:data:`SHARED_STORES`), :func:`lease` on the store.
+
+    Yields ``client``, or, without one, a client connected under the file lock (opening a new
+    store creates its schema, which two processes must not do at once).
+    """
     with store_lock(uri), ExitStack() as stack:
+        client = client or connect(uri)
         if uri.startswith(SHARED_STORES):
-            stack.enter_context(lease(connect(uri), f"{name}{LEASE_SUFFIX}", uri))
-        yield
+            stack.enter_context(lease(client, f"{name}{LEASE_SUFFIX}", uri))
+        yield client
 
 
 @contextmanager
@@ -428,4 +433,11 @@ def display_uri(uri: str, root: str | Path = ".") -> str:
             return prefix + local.resolve().relative_to(Path(root).resolve()).as_posix()
         except ValueError:
             return f"{prefix}.../{local.name}"
-    return f"{scheme}{sep}{rest.split('@', 1)[-1].split('?', 1)[0]}"
+    return without_credentials(uri)
+
+
+def without_credentials(url: str) -> str:
+    """``url`` without the user and password of its authority (``http://user:pw@host``) and
+    without its query (``?token=...``), where secrets ride along."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query=""))
