@@ -45,6 +45,10 @@ class TrainState:
     saved_epoch: int | None = None
     """The epoch of the last checkpoint written or loaded."""
     stop: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Where this process's training time went, summed over its epochs: ``views`` (waiting for
+    the next batch of views), ``steps`` (forward, backward, optimiser) and one entry per callback
+    class (all its hooks). On CUDA, ops are queued, so the host's time lands where it waits."""
 
     @property
     def total_steps(self) -> int:
@@ -199,7 +203,12 @@ class StopAfter(Callback):
 class KnnMonitor(Callback):
     """Representation quality while training: kNN top-1 on val with train as the memory bank,
     every ``every`` epochs and at the last (``every`` 0: never), and the embedding spread of
-    val at the last epoch, which tells a collapsed representation."""
+    val at the last epoch, which tells a collapsed representation.
+
+    The features are computed in the training's precision and memory format (``bf16``,
+    ``memory_format``): in fp32 NCHW, on a CPU that trains in bf16, the monitor cost 3-4x as
+    much (docs/benchmarks.md, "Pretraining overhead").
+    """
 
     def __init__(
         self,
@@ -213,8 +222,11 @@ class KnnMonitor(Callback):
         k: int,
         temperature: float,
         batch_size: int,
+        bf16: bool = False,
+        memory_format: torch.memory_format = torch.contiguous_format,
     ) -> None:
         self.every, self.train, self.val = every, train, val
+        self.bf16, self.memory_format = bf16, memory_format
         self.mean, self.std, self.device = mean, std, device
         self.num_classes, self.k, self.temperature = num_classes, k, temperature
         self.batch_size = batch_size
@@ -231,7 +243,8 @@ class KnnMonitor(Callback):
 
         def features(images: Any) -> torch.Tensor:
             return extract_features(
-                encoder, images, self.mean, self.std, self.device, self.batch_size
+                encoder, images, self.mean, self.std, self.device, self.batch_size,
+                bf16=self.bf16, memory_format=self.memory_format,
             )
 
         f_val = features(self.val[0])

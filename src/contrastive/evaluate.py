@@ -39,15 +39,20 @@ def extract_features(
     device: torch.device,
     batch_size: int = 512,
     desc: str | None = None,
+    bf16: bool = False,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> torch.Tensor:
-    """Embeddings ``(N, D)`` on the CPU of uint8 images ``(N, H, W, 3)``, computed in batches."""
+    """Embeddings ``(N, D)`` float32 on the CPU of uint8 images ``(N, H, W, 3)``, computed in
+    batches; ``bf16`` and ``memory_format`` as in training (the kNN monitor), else fp32 NCHW."""
     encoder = encoder.to(device).eval()
     preprocess = Preprocess(mean, std).to(device)
     chunks = []
     starts = range(0, len(images), batch_size)
-    for start in tqdm(starts, desc=desc, disable=desc is None, leave=False):
-        batch = torch.from_numpy(images[start : start + batch_size]).to(device)
-        chunks.append(encoder(preprocess(batch)).float().cpu())
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for start in tqdm(starts, desc=desc, disable=desc is None, leave=False):
+            batch = torch.from_numpy(images[start : start + batch_size]).to(device)
+            x = preprocess(batch).contiguous(memory_format=memory_format)
+            chunks.append(encoder(x).float().cpu())
     return torch.cat(chunks)
 
 

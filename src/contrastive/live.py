@@ -3,10 +3,12 @@
 :class:`LiveRun` is a training-loop callback (the loop itself imports no tracker). When training
 starts it opens an MLflow run in ``registry.experiment``, tagged with the checkpoint's run key,
 and logs the params, the prepared dataset as the run's input and, through MLflow, the machine's
-system metrics; after every epoch it logs the epoch's loss, learning rate, images/s, kNN top-1 and
-temperature; at the end it closes the run as FINISHED, or as FAILED when training stopped early.
-A resumed pretraining continues its unfinished run. The ``register`` stage later adopts the
-finished run (:func:`contrastive.tracking.find_or_log_run`) instead of creating a second one.
+system metrics; after every epoch it queues the epoch's loss, learning rate, images/s, kNN
+top-1 and temperature for MLflow's asynchronous logging (the epoch does not wait for the store);
+at the end it flushes the queue and closes the run as FINISHED, or as FAILED when training
+stopped early. A resumed pretraining continues its unfinished run. The ``register`` stage later
+adopts the finished run (:func:`contrastive.tracking.find_or_log_run`) instead of creating a
+second one.
 
 Tracking never stops training: if the store fails, one warning line is printed and training goes
 on untracked; ``register`` then logs the whole history itself. ``CONTRASTIVE_LIVE_TRACKING=0``
@@ -71,6 +73,7 @@ class LiveRun(Callback):
             import mlflow
 
             status = "FINISHED" if state.epoch >= state.epochs else "FAILED"
+            self._guard("logging an epoch", mlflow.flush_async_logging)
             self._guard("closing the run", lambda: mlflow.end_run(status))
             self.active = False
 
@@ -131,4 +134,6 @@ class LiveRun(Callback):
         import mlflow
 
         values = {f"train/{k}": float(v) for k, v in record.items() if k != "epoch"}
-        mlflow.log_metrics(values, step=int(record["epoch"]))
+        # queued and written by MLflow's logging thread: the next epoch need not wait for the
+        # store; the run's end flushes the queue
+        mlflow.log_metrics(values, step=int(record["epoch"]), synchronous=False)

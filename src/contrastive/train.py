@@ -73,21 +73,33 @@ def fit(
 
     Linear warm-up then cosine decay of the learning rate, per step. A NaN or infinite epoch
     loss stops the run with :class:`TrainingDivergedError`; the last good checkpoint stays.
+    Where the time goes (the views, the steps, each callback) is summed in ``state.seconds``.
     """
     method, optimizer = state.method, state.optimizer
     model = method if model is None else model
     autocast = autocast or contextlib.nullcontext()
     warmup_steps = warmup_epochs * state.steps_per_epoch
-    for callback in callbacks:
-        callback.on_train_start(state)
+    seconds = state.seconds
+    clock = time.perf_counter
+
+    def call(hook: str, *args: Any) -> None:
+        for callback in callbacks:
+            started = clock()
+            getattr(callback, hook)(state, *args)
+            name = type(callback).__name__
+            seconds[name] = seconds.get(name, 0.0) + clock() - started
+
+    call("on_train_start")
     try:
         while state.epoch < state.epochs and not state.stop:
             method.train()
             device = next(method.parameters()).device
             loss_sum = torch.zeros((), device=device)
-            started = time.perf_counter()
+            started = clock()
             lr = 0.0
+            waited = started
             for step, (view_a, view_b, labels) in enumerate(batches.epoch(state.epoch)):
+                stepped = clock()
                 global_step = state.epoch * state.steps_per_epoch + step
                 lr = lr_at(global_step, state.total_steps, warmup_steps, peak_lr)
                 for group in optimizer.param_groups:
@@ -99,11 +111,14 @@ def fit(
                 optimizer.step()
                 method.after_step((global_step + 1) / state.total_steps)
                 loss_sum += loss.detach()
-                for callback in callbacks:
-                    callback.on_step_end(state, step)
+                done = clock()
+                seconds["views"] = seconds.get("views", 0.0) + stepped - waited
+                seconds["steps"] = seconds.get("steps", 0.0) + done - stepped
+                call("on_step_end", step)
+                waited = clock()
             # the epoch's one host sync (and, with several processes, its one all-reduce)
             epoch_loss = (distributed.mean(loss_sum) / state.steps_per_epoch).item()
-            seconds = time.perf_counter() - started
+            elapsed = clock() - started
             state.epoch += 1
             if not math.isfinite(epoch_loss):
                 raise TrainingDivergedError(
@@ -114,15 +129,13 @@ def fit(
                 "epoch": state.epoch,
                 "loss": round(epoch_loss, 6),
                 "lr": lr,
-                "images_per_s": round(state.steps_per_epoch * state.images_per_step / seconds, 1),
+                "images_per_s": round(state.steps_per_epoch * state.images_per_step / elapsed, 1),
                 **method.history_values(),
             }
             state.history.append(record)
-            for callback in callbacks:
-                callback.on_epoch_end(state, record)
+            call("on_epoch_end", record)
     finally:
-        for callback in callbacks:
-            callback.on_train_end(state)
+        call("on_train_end")
 
 
 def run_key(params: Params, data_hash: str, device: torch.device, world_size: int = 1) -> str:
@@ -339,6 +352,7 @@ def summarize(
         "precision": "bf16" if bf16 else "fp32",
         "streaming": streamed,
         "knn_k": resolve_knn_k(params.probe.knn_k, data.train[1]) if knn else None,
+        "seconds": {name: round(value, 3) for name, value in sorted(state.seconds.items())},
         "params_hash": state.run_key,
         "collapse_reason": collapsed,
     }
@@ -421,19 +435,20 @@ def _pretrain(
     checkpointer = Checkpointer(checkpoint_dir)
     checkpointer.resume(state, device, announce=world.is_main)
     manifest, probe = data.manifest, params.probe
+    bf16, channels_last = resolve_precision(params.train, device)
     own: list[Callback] = []
     if world.is_main:  # rank 0 alone monitors, shows progress, writes and tracks
         monitor = KnnMonitor(
             params.train.knn_every, data.train, data.val, manifest["mean"], manifest["std"],
             device, manifest["num_classes"], resolve_knn_k(probe.knn_k, data.train[1]),
-            probe.knn_temperature, probe.batch_size,
+            probe.knn_temperature, probe.batch_size, bf16,
+            torch.channels_last if channels_last else torch.contiguous_format,
         )
         own += [monitor, ProgressBar(), checkpointer]
     if stop_after_epoch is not None:
         own.append(StopAfter(stop_after_epoch))
     if world.is_main:
         own += callbacks
-    bf16, _ = resolve_precision(params.train, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else None
     model = distributed.wrap(state.method, world, device)
     fit(state, batches, scaled_lr(params.train), params.train.warmup_epochs, own, autocast,
