@@ -22,7 +22,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import _threads  # noqa: F401  (the command's thread policy, before torch loads)
 import torch
-from _common import data_file, line, machine_line, parser, project_params, run
+from _common import ROOT, data_file, line, machine_line, parser, project_params, run
 
 from contrastive.config import METHODS, parse_params
 from contrastive.data import SPLITS, load_manifest, load_split, prepare
@@ -32,16 +32,19 @@ from contrastive.train import pretrain
 
 
 def recipe(data: Path, test: Path, epochs: int, precision: str = "auto") -> dict:
-    """The README's CIFAR recipe on ``params.yaml``; channels_last follows ``precision``."""
+    """``params.yaml`` with the CIFAR recipe (``params/cifar.yaml``) on top, on the ``data`` and
+    ``test`` files, for ``epochs`` (the warm-up kept shorter), no kNN monitor; channels_last
+    follows ``precision``."""
+    import yaml
+
+    raw = project_params(yaml.safe_load((ROOT / "params" / "cifar.yaml").read_text()))
     channels_last = {"auto": "auto", "bf16": "on", "fp32": "off"}[precision]
-    return project_params({
-        "device": "cpu",
-        "data": {"source": "npz", "path": str(data), "test_path": str(test), "image_size": 32},
-        "augment": {"hflip": 0.5, "saturation": 0.4, "hue": 0.1, "grayscale_prob": 0.2,
-                    "crop_scale": [0.2, 1.0]},
-        "train": {"epochs": epochs, "warmup_epochs": min(2, epochs - 1), "weight_decay": 5e-4,
-                  "knn_every": 0, "precision": precision, "channels_last": channels_last},
-    })
+    raw["device"] = "cpu"
+    raw["data"] |= {"source": "npz", "path": str(data), "test_path": str(test)}
+    warmup = min(raw["train"]["warmup_epochs"], epochs - 1)
+    raw["train"] |= {"epochs": epochs, "warmup_epochs": warmup, "knn_every": 0,
+                     "precision": precision, "channels_last": channels_last}
+    return raw
 
 
 def score(encoder: torch.nn.Module, prepared: Path, raw: dict) -> dict[str, float]:
