@@ -62,6 +62,35 @@ def make_dvc_project(root: Path) -> None:
         subprocess.run(command, cwd=root, check=True, capture_output=True)
 
 
+MLFLOW_DB = "mlflow.db"
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow SQLite store, created by MLflow once for the session. A new store runs
+    all of MLflow's schema migrations (1 to 3 s each); tests that need a new store copy this file
+    instead (:func:`new_store`), which MLflow opens as it is, in milliseconds."""
+    import mlflow
+
+    folder = tmp_path_factory.mktemp("mlflow-template")
+    db = folder / MLFLOW_DB
+    uri = f"sqlite:///{db}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)  # the default experiment's artifact location: here, not the test's
+        client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments()  # the tracking store: creates and migrates the schema
+        client.search_registered_models()  # the registry store, on the same schema
+    return db
+
+
+def new_store(template: Path, folder: Path) -> str:
+    """A new MLflow store: ``folder``/mlflow.db, a copy of ``template`` (the session's migrated
+    store, :func:`mlflow_template`); returns its ``sqlite:///`` URI."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(template, folder / MLFLOW_DB)
+    return f"sqlite:///{folder / MLFLOW_DB}"
+
+
 @pytest.fixture
 def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty project folder with the tiny params.yaml, made the working directory."""

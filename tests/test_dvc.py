@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from contrastive.provenance import _dvc_outputs
-from tests.conftest import make_dvc_project
+from tests.conftest import make_dvc_project, new_store
 
 
 def _run(args: list[str], cwd: Path, ok: bool = True) -> str:
@@ -39,14 +39,14 @@ def _ran(output: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A git + DVC project (conftest.make_dvc_project) with the tiny params; its
-    MLflow store is a SQLite file in another temporary folder."""
+def project(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> Iterator[Path]:
+    """A git + DVC project (conftest.make_dvc_project) with the tiny params; its MLflow store is
+    a new SQLite file (a copy of the migrated template) in another temporary folder."""
     root = tmp_path_factory.mktemp("project")
-    store = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    store = new_store(mlflow_template, tmp_path_factory.mktemp("mlflow"))
     make_dvc_project(root)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+        mp.setenv("MLFLOW_TRACKING_URI", store)
         yield root
 
 

@@ -40,7 +40,7 @@ from pipeline.retrain import (
     workspace_lock,
 )
 from pipeline.settings import Settings
-from tests.conftest import ROOT, make_dvc_project
+from tests.conftest import ROOT, make_dvc_project, new_store
 from tests.services import free_port
 
 STAGE_NAMES = ("prepare", "pretrain", "probe", "export", "register")
@@ -73,14 +73,16 @@ def prefect_api() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory, prefect_api: None) -> Iterator[Path]:
+def project(tmp_path_factory: pytest.TempPathFactory, prefect_api: None,
+            mlflow_template: Path) -> Iterator[Path]:
     """A git + DVC project with this repository's dvc.yaml, .dvcignore and code, the tiny params,
-    its MLflow store (a SQLite file) in another temporary folder, and no delay before a retry."""
+    its MLflow store (a new SQLite file: a copy of the migrated template) in another temporary
+    folder, and no delay before a retry."""
     root = tmp_path_factory.mktemp("flow")
-    store = tmp_path_factory.mktemp("flow-mlflow") / "mlflow.db"
+    store = new_store(mlflow_template, tmp_path_factory.mktemp("flow-mlflow"))
     make_dvc_project(root)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+        patch.setenv("MLFLOW_TRACKING_URI", store)
         patch.setenv("RETRAIN_RETRY_DELAY_S", "0")
         yield root
 

@@ -14,6 +14,7 @@ from contrastive.data import load_split, read_image
 from contrastive.export import ort_session
 from contrastive.index import ExactIndex, FaissIndex, GalleryIndex, build_searcher
 from contrastive.retrieval import knn_anomaly_scores
+from tests.conftest import new_store
 from tests.test_tracking import NAME, SIZE, make_project, write_images
 
 CHAMPION = f"models:/{NAME}@champion"
@@ -63,14 +64,13 @@ def test_index_refuses_k_beyond_the_gallery_and_another_encoder() -> None:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def project(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> Iterator[Path]:
     """A registered tiny encoder (champion v1) in its own SQLite store, and a gallery folder."""
     root = tmp_path_factory.mktemp("gallery")
     make_project(root)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'store' / 'mlflow.db'}")
-        (root / "store").mkdir()
+        mp.setenv("MLFLOW_TRACKING_URI", new_store(mlflow_template, root / "store"))
         assert main(["register"]) == 0
         write_images(root / "gallery", 6)
         (root / "gallery" / "notes.txt").write_text("not an image")

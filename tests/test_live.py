@@ -12,14 +12,15 @@ from contrastive import live, store, train
 from contrastive.cli import main
 from contrastive.config import load_params
 from contrastive.tracking import LIVE_TAG, STATE_TAG
+from tests.conftest import new_store
 from tests.test_tracking import make_project
 
 
 @pytest.fixture
-def tracked(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def tracked(workspace: Path, monkeypatch: pytest.MonkeyPatch, mlflow_template: Path) -> Path:
     """The tiny workspace, prepared, with live tracking on into its own SQLite store."""
     monkeypatch.setenv(live.ENV, "1")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", new_store(mlflow_template, workspace))
     assert main(["prepare"]) == 0
     return workspace
 
@@ -80,10 +81,11 @@ def test_an_unreachable_store_never_stops_training(
     assert Path("models/encoder.pt").is_file()
 
 
-def test_register_adopts_the_live_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_register_adopts_the_live_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      mlflow_template: Path) -> None:
     make_project(tmp_path)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", new_store(mlflow_template, tmp_path))
     client = store.connect()
     experiment = store.ensure_experiment(client, "contrastive", store.tracking_uri())
     key = json.loads(Path("reports/pretrain.json").read_text())["params_hash"]

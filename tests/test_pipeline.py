@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,9 +20,21 @@ from tests.conftest import write_params
 STAGES = ("prepare", "pretrain", "probe", "export")
 
 
-def test_all_stages_produce_their_outputs(workspace: Path, capsys: pytest.CaptureFixture) -> None:
-    for stage in STAGES:
-        assert main([stage]) == 0, stage
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A project with the tiny params after the four stages, each run once through the CLI; the
+    tests that read its outputs share it."""
+    root = tmp_path_factory.mktemp("stages")
+    write_params(root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        for stage in STAGES:
+            assert main([stage]) == 0, stage
+    yield root
+
+
+def test_all_stages_produce_their_outputs(staged: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(staged)
     for path in (
         "data/prepared/manifest.json",
         "models/encoder.pt",
@@ -33,7 +46,7 @@ def test_all_stages_produce_their_outputs(workspace: Path, capsys: pytest.Captur
         "plots/confusion.csv",
         "plots/embedding.png",
     ):
-        assert (workspace / path).is_file(), path
+        assert (staged / path).is_file(), path
 
     pretrain = json.loads(Path("metrics/pretrain.json").read_text())
     report = json.loads(Path("reports/pretrain.json").read_text())
@@ -73,11 +86,10 @@ def _leaves(value: object) -> list[object]:
     return [value]
 
 
-def test_metrics_files_hold_only_numbers(workspace: Path) -> None:
+def test_metrics_files_hold_only_numbers(staged: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What `dvc metrics diff` and `dvc exp show` compare: numbers (and flags), never text or
-    timings; those are in reports/."""
-    for stage in STAGES:
-        assert main([stage]) == 0, stage
+    timings; those are in reports/ (the four stages' outputs, in ``staged``)."""
+    monkeypatch.chdir(staged)
     for stage in ("pretrain", "probe", "export"):
         metrics = json.loads(Path(f"metrics/{stage}.json").read_text())
         for leaf in _leaves(metrics):

@@ -184,6 +184,7 @@ def test_a_streamed_pretrain_trains_exactly_the_in_memory_run(workspace: Path) -
                        for row in csv.DictReader(handle)]
         assert metrics.pop("streaming") is (streaming == "on")
         metrics.pop("images_per_s")
+        assert all(value >= 0 for value in metrics.pop("seconds").values())  # wall time
         saved = torch.load(out / "encoder.pt", weights_only=True)["state_dict"]
         runs[streaming] = (metrics, history, (out / "knn.csv").read_text(), saved)
     off, on = runs["off"], runs["on"]

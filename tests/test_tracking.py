@@ -46,7 +46,7 @@ from contrastive.models import (
     save_probe,
 )
 from contrastive.registry import Candidate, Champion, RescoreError, decide
-from tests.conftest import ROOT, write_params
+from tests.conftest import ROOT, new_store, write_params
 
 NAME = "contrastive-encoder"
 SIZE = 8
@@ -207,9 +207,10 @@ def test_store_lock_refuses_after_its_timeout(tmp_path: Path,
         pass
 
 
-def _lease_store(tmp_path: Path) -> tuple[Any, str]:
-    """A client of a new SQLite store: its unique names hold as a server's do."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def _lease_store(template: Path, tmp_path: Path) -> tuple[Any, str]:
+    """A client of a new SQLite store (a copy of the migrated template): its unique names hold as
+    a server's do."""
+    uri = new_store(template, tmp_path)
     return store.connect(uri), uri
 
 
@@ -217,11 +218,11 @@ LEASE = f"{NAME}{store.LEASE_SUFFIX}"
 
 
 def test_a_lease_is_held_by_one_holder_at_a_time(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_template: Path
 ) -> None:
     """A second holder gives up after LOCK_TIMEOUT_S, or waits until the first lets go; the lease
     says who holds it and is gone afterwards."""
-    client, uri = _lease_store(tmp_path)
+    client, uri = _lease_store(mlflow_template, tmp_path)
     held, release = threading.Event(), threading.Event()
     order: list[str] = []
 
@@ -259,11 +260,12 @@ def test_a_lease_is_held_by_one_holder_at_a_time(
 
 
 def test_an_abandoned_lease_is_broken_with_a_warning(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    mlflow_template: Path,
 ) -> None:
     """Another machine's lease is broken only once older than LEASE_STALE_S; one of this machine
     at once when its process has ended."""
-    client, uri = _lease_store(tmp_path)
+    client, uri = _lease_store(mlflow_template, tmp_path)
     elsewhere = {"owner": "ann", "host": "elsewhere", "pid": "1", "acquired_at": "then"}
     client.create_registered_model(LEASE, tags=elsewhere)
     monkeypatch.setattr(store, "LOCK_TIMEOUT_S", 0.3)
@@ -364,14 +366,13 @@ def set_metric(root: Path, file: str, keys: tuple[str, ...], value: Any) -> None
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def project(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> Iterator[Path]:
     """A project with upstream outputs and its own SQLite store, registered once."""
     root = tmp_path_factory.mktemp("registry")
     make_project(root)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'store' / 'mlflow.db'}")
-        (root / "store").mkdir()
+        mp.setenv("MLFLOW_TRACKING_URI", new_store(mlflow_template, root / "store"))
         assert main(["register"]) == 0
         yield root
 
@@ -586,7 +587,8 @@ def test_unreachable_store_fails_at_once_naming_the_setting_and_touches_nothing(
 
 
 def test_a_missing_bucket_is_one_line_naming_the_setting_and_records_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+    mlflow_template: Path,
 ) -> None:
     """The experiment's artifact location is in an S3 bucket that does not exist (moto's mock
     S3): exit 2 before any write, one line naming the bucket and the setting; no run, no
@@ -594,8 +596,7 @@ def test_a_missing_bucket_is_one_line_naming_the_setting_and_records_nothing(
     moto = pytest.importorskip("moto")
     make_project(tmp_path)
     monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
-    (tmp_path / "store").mkdir()
+    uri = new_store(mlflow_template, tmp_path / "store")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_S3_ENDPOINT_URL", raising=False)
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -604,7 +605,7 @@ def test_a_missing_bucket_is_one_line_naming_the_setting_and_records_nothing(
     before = {p: p.read_bytes() for p in tmp_path.glob("[dmpr]*/**/*") if p.is_file()}
     with moto.mock_aws():
         store.connect(uri).create_experiment("contrastive", artifact_location="s3://gone/art")
-        capsys.readouterr()  # MLflow's lines about the new store's schema
+        capsys.readouterr()  # whatever MLflow printed while making the experiment
         assert main(["register"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(
@@ -711,7 +712,8 @@ def _register_at_the_signal(root: str, uri: str, start: Any) -> None:
 
 def test_two_first_registrations_at_once_both_succeed(tmp_path: Path) -> None:
     """Two processes register into a store that does not exist yet, at the same moment: one
-    creates the store's schema, the other waits, finds the version and registers no second one."""
+    creates the store's schema, the other waits, finds the version and registers no second one.
+    (The one test whose store is made by MLflow's migrations, not copied from the template.)"""
     make_project(tmp_path)
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     (tmp_path / "store").mkdir()
@@ -748,12 +750,13 @@ def _raise(message: str) -> Any:
 
 
 def test_every_manual_decision_stays_on_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                               capsys: pytest.CaptureFixture) -> None:
+                                               capsys: pytest.CaptureFixture,
+                                               mlflow_template: Path) -> None:
     """A promotion and two rollbacks: `registry show` lists all three, each with its reason, user,
     time, and the versions the champion moved from and to."""
     monkeypatch.chdir(tmp_path)
     write_params(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(mlflow_template, tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     client = store.connect(uri)
     client.create_registered_model(NAME)
