@@ -54,7 +54,8 @@ def run_stage(stage: str, record: dict[str, object]) -> int:
         return contrastive.cli.main([stage, *sys.argv[2:]])
     from contrastive.callbacks import Callback
     from contrastive.config import load_params
-    from contrastive.train import pretrain
+    from contrastive.layout import Layout
+    from contrastive.stages import pretrain
 
     class LoopTimer(Callback):
         def on_train_start(self, state: object) -> None:
@@ -63,7 +64,7 @@ def run_stage(stage: str, record: dict[str, object]) -> int:
         def on_train_end(self, state: object) -> None:
             record["loop_end"] = time.time()
 
-    pretrain(load_params(), callbacks=[LoopTimer()])
+    pretrain.run(load_params(), Layout(), callbacks=[LoopTimer()])
     return 0
 
 

@@ -32,7 +32,8 @@ from _common import WrongResult, line, machine_line, parser, run
 
 from contrastive.augment import SimCLRViews
 from contrastive.config import AugmentConfig, load_params, parse_params
-from contrastive.train import pretrain
+from contrastive.layout import Layout
+from contrastive.stages import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_S = 6.0
@@ -119,10 +120,10 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
-        metrics = pretrain(params, tmp / "prepared", tmp / "encoder.pt", tmp / "checkpoints",
-                           tmp / "pretrain.json", tmp / "pretrain.csv", tmp / "knn.csv")
+        layout = Layout(tmp, prepared_dir=tmp / "prepared")
+        metrics = pretrain.run(params, layout)
         wall = time.perf_counter() - started
-        history = torch.load(tmp / "checkpoints" / "last.pt", weights_only=True)["history"]
+        history = torch.load(layout.checkpoints / "last.pt", weights_only=True)["history"]
     if not all(np.isfinite(h["loss"]) for h in history):
         raise WrongResult(f"loss not finite: {[h['loss'] for h in history]}")
     steps = args.images // args.batch

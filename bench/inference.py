@@ -33,7 +33,15 @@ from _common import WrongResult, data_file, interleaved, line, machine_line, med
 
 from contrastive.config import ExportConfig, ModelConfig, load_params
 from contrastive.export import INPUT_NAME, OUTPUT_NAME, EmbeddingModel, export_encoder, ort_session
-from contrastive.models import EncoderInfo, LinearProbe, build_encoder, save_encoder, save_probe
+from contrastive.models import (
+    EncoderInfo,
+    LinearProbe,
+    build_encoder,
+    load_encoder,
+    load_probe,
+    save_encoder,
+    save_probe,
+)
 
 TARGETS = {1: 4.0, 256: 3.0}
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,11 +106,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
         paths = make_model(Path(tmp), model_cfg, images, labels, classes)
-        metrics = export_encoder(paths["encoder"], paths["probe"], paths["prepared"],
-                                 paths["onnx"], paths["metrics"], cfg)
-        from contrastive.models import load_encoder
-
         encoder, info = load_encoder(paths["encoder"])
+        exported = export_encoder(encoder, info, load_probe(paths["probe"]), images, cfg)
+        paths["onnx"].write_bytes(exported.model_bytes)
+        metrics = {**exported.metrics, **exported.report}
         model = EmbeddingModel(encoder, info).eval()
         threads = torch.get_num_threads()
         sessions: dict[str, ort.InferenceSession] = {"onnxruntime": ort_session(paths["onnx"])}

@@ -26,9 +26,11 @@ from _common import ROOT, data_file, line, machine_line, parser, project_params,
 
 from contrastive.config import METHODS, parse_params
 from contrastive.data import SPLITS, load_manifest, load_split, prepare
-from contrastive.evaluate import Features, evaluate_features, extract_features
+from contrastive.evaluate import Features, evaluate_features
+from contrastive.features import extract_features
+from contrastive.layout import Layout
 from contrastive.models import load_encoder
-from contrastive.train import pretrain
+from contrastive.stages import pretrain
 
 
 def recipe(data: Path, test: Path, epochs: int, precision: str = "auto") -> dict:
@@ -89,11 +91,10 @@ def main() -> None:
                           "model": base["model"] | {"encoder": encoder}}
             out = tmp / f"{method}-{encoder}"
             started = time.perf_counter()
-            metrics = pretrain(parse_params(raw), prepared, out / "encoder.pt",
-                               out / "checkpoints", out / "pretrain.json", out / "pretrain.csv",
-                               out / "knn.csv")
+            layout = Layout(out, prepared_dir=prepared)
+            metrics = pretrain.run(parse_params(raw), layout)
             seconds = time.perf_counter() - started
-            probe = score(load_encoder(out / "encoder.pt")[0], prepared, raw)
+            probe = score(load_encoder(layout.encoder)[0], prepared, raw)
             row = (method, encoder, probe["knn_top1"], probe["linear_top1"], seconds,
                    metrics["images_per_s"])
             rows.append(row)

@@ -28,7 +28,6 @@ What it wins beside a competitor is ``bench/contention.py``'s figure.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -45,9 +44,11 @@ from methods import recipe
 from contrastive.callbacks import Callback, TrainState
 from contrastive.config import Params, parse_params
 from contrastive.data import prepare
+from contrastive.layout import Layout
 from contrastive.optim import lr_at, scaled_lr
-from contrastive.runtime import resolve_precision
-from contrastive.train import TrainingData, build_run, pretrain
+from contrastive.runtime import Runtime
+from contrastive.stages import pretrain
+from contrastive.train import TrainingData, build_run
 
 POLICY_ENV = "BENCH_OMP_POLICY"
 """Set by ``--policies`` for its children: ``PASSIVE``, or ``default`` for libgomp's own
@@ -60,14 +61,12 @@ TARGET = 0.10
 class BareLoop:
     """The bare step loop: a second copy of the run, stepping on one epoch of ready views."""
 
-    def __init__(self, params: Params, data: TrainingData, device: torch.device) -> None:
-        self.state, batches = build_run(params, data, device)
+    def __init__(self, params: Params, data: TrainingData, runtime: Runtime) -> None:
+        self.state, batches = build_run(params, data, runtime)
         self.ready = list(batches.epoch(0))
         self.peak_lr = scaled_lr(params.train)
         self.warmup_steps = params.train.warmup_epochs * self.state.steps_per_epoch
-        bf16, _ = resolve_precision(params.train, device)
-        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if bf16
-                         else contextlib.nullcontext())
+        self.autocast = runtime.autocast()
         self.epoch = 0
 
     def train_epoch(self) -> float:
@@ -140,13 +139,11 @@ def overhead(params: Params, tmp: Path) -> bool:
     prepared = tmp / "prepared"
     prepare(params.data, params.seed, prepared)
     data = TrainingData.load(prepared)
-    device = torch.device("cpu")
-    turns = TakeTurns(BareLoop(params, data, device))
+    turns = TakeTurns(BareLoop(params, data, Runtime.resolve(params, torch.device("cpu"))))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{(tmp / 'mlflow.db').as_posix()}"
     out = tmp / "out"
-    result = pretrain(params, prepared, out / "encoder.pt", out / "checkpoints",
-                      out / "pretrain.json", out / "pretrain.csv", out / "knn.csv",
-                      callbacks=[LiveRun(params, prepared), turns])
+    result = pretrain.run(params, Layout(out, prepared_dir=prepared),
+                          callbacks=[LiveRun(params, prepared), turns])
     images = turns.bare.state.steps_per_epoch * params.train.batch_size
     epochs = len(turns.default) - 1
     default_s, bare_s = sum(turns.default[1:]), sum(turns.bare_seconds[1:])
@@ -183,13 +180,12 @@ def monitor_choices(encoder: torch.nn.Module, data: TrainingData, params: Params
     it used before), on the same encoder, taking turns, 3 rounds."""
     from _common import interleaved
 
-    from contrastive.evaluate import extract_features
+    from contrastive.features import extract_features
 
     m, batch = data.manifest, params.probe.batch_size
     images = data.train[0]
-    device = torch.device("cpu")
-    bf16, channels_last = resolve_precision(params.train, device)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    run = Runtime.resolve(params, torch.device("cpu"))
+    device, bf16, memory_format = run.device, run.bf16, run.memory_format
     times = interleaved({
         "fp32": lambda: extract_features(encoder.to(memory_format=torch.contiguous_format),
                                          images, m["mean"], m["std"], device, batch),

@@ -37,16 +37,10 @@ from _common import WrongResult, data_file, line, machine_line, parser, run
 
 from contrastive.config import DataConfig, ModelConfig, Params, load_params
 from contrastive.data import load_manifest, load_split, prepare
-from contrastive.evaluate import (
-    Features,
-    _pixel_features,
-    evaluate_features,
-    extract_features,
-    knn_scores,
-    plot_embedding,
-    topk_accuracy,
-)
+from contrastive.evaluate import Features, _pixel_features, evaluate_features
+from contrastive.features import extract_features, knn_scores, topk_accuracy
 from contrastive.models import LinearProbe, build_encoder
+from contrastive.plots import plot_embedding
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 0.005

@@ -47,10 +47,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from contrastive.config import Params, parse_params
 from contrastive.data import SPLITS, load_manifest, load_split, prepare
-from contrastive.evaluate import Features, evaluate_features, extract_features
+from contrastive.evaluate import Features, evaluate_features
+from contrastive.features import extract_features
+from contrastive.layout import Layout
 from contrastive.models import build_encoder, load_encoder
-from contrastive.runtime import resolve_precision
-from contrastive.train import pretrain
+from contrastive.runtime import Runtime
+from contrastive.stages import pretrain
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 """lightly's default normalisation, used by its views and so by its evaluation."""
@@ -177,9 +179,9 @@ def train_product(raw: dict, overrides: dict, prepared: Path, out: Path) -> tupl
     """``pretrain`` on ``raw`` params with ``overrides`` (by section) on top: encoder, seconds."""
     run_raw = {k: v | overrides.get(k, {}) if isinstance(v, dict) else v for k, v in raw.items()}
     started = time.perf_counter()
-    pretrain(parse_params(run_raw), prepared, out / "encoder.pt", out / "checkpoints",
-             out / "pretrain.json", out / "pretrain.csv", out / "knn.csv")
-    return out / "encoder.pt", time.perf_counter() - started
+    layout = Layout(out, prepared_dir=prepared)
+    pretrain.run(parse_params(run_raw), layout)
+    return layout.encoder, time.perf_counter() - started
 
 
 Row = tuple[float, float, float]
@@ -196,7 +198,7 @@ def product_row(raw: dict, overrides: dict, prepared: Path, out: Path, name: str
     manifest = load_manifest(prepared)
     encoder, seconds = train_product(raw, overrides, prepared, out)
     m = score(load_encoder(encoder)[0], prepared, params, manifest["mean"], manifest["std"])
-    precision = "bf16" if resolve_precision(params.train, torch.device("cpu"))[0] else "fp32"
+    precision = Runtime.resolve(params, torch.device("cpu")).precision
     line(name, f"kNN {m['knn_top1']:.3f}", f"linear {m['linear_top1']:.3f}",
          f"pretrain {seconds:.0f} s", f"precision {precision}")
     return m["knn_top1"], m["linear_top1"], seconds

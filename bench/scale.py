@@ -28,7 +28,8 @@ from _common import WrongResult, data_file, line, machine_line, parser, run
 
 from contrastive.config import AugmentConfig, DataConfig, Params, load_params, parse_params
 from contrastive.data import prepare
-from contrastive.train import pretrain
+from contrastive.layout import Layout
+from contrastive.stages import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,13 +74,13 @@ def main() -> None:
 
         def epoch_seconds(factor: int) -> tuple[float, int]:
             out = tmp / f"run{factor}"
-            pretrain(params, prepared[factor], out / "encoder.pt", out / "checkpoints",
-                     out / "pretrain.json", out / "pretrain.csv", out / "knn.csv")
-            state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+            layout = Layout(out, prepared_dir=prepared[factor])
+            pretrain.run(params, layout)
+            state = torch.load(layout.checkpoints / "last.pt", weights_only=True)
             h = state["history"][-1]
             if not math.isfinite(h["loss"]):
                 raise WrongResult(f"{factor}x: loss {h['loss']}")
-            (out / "checkpoints" / "last.pt").unlink()  # the next round starts afresh
+            (layout.checkpoints / "last.pt").unlink()  # the next round starts afresh
             images = _images(prepared[factor], params)
             return images / h["images_per_s"], images
 

@@ -23,7 +23,8 @@ import yaml
 
 from contrastive.config import parse_params
 from contrastive.data import map_split, prepare
-from contrastive.train import pretrain
+from contrastive.layout import Layout
+from contrastive.stages import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,13 +55,10 @@ def main() -> None:
               f"classes {manifest['num_classes']}")
         for streaming in ("off", "on"):
             out = folder / streaming
-            metrics = pretrain(
-                params_for(args.data, args.epochs, streaming, args.workers),
-                prepared_dir=folder / "prepared", encoder_path=out / "encoder.pt",
-                checkpoint_dir=out / "checkpoints", metrics_path=out / "metrics.json",
-                history_path=out / "history.csv", knn_path=out / "knn.csv",
-            )
-            rows = (out / "history.csv").read_text().split()[2:]  # after the header, epoch 1
+            layout = Layout(out, prepared_dir=folder / "prepared")
+            metrics = pretrain.run(params_for(args.data, args.epochs, streaming, args.workers),
+                                   layout)
+            rows = layout.pretrain_history.read_text().split()[2:]  # after the header, epoch 1
             rates = [float(row.split(",")[3]) for row in rows]
             print(f"streaming {streaming}: {sum(rates) / len(rates):.1f} images/s "
                   f"(epochs 2-{args.epochs}: {rates}), final loss {metrics['final_loss']}, "

@@ -49,12 +49,14 @@ from views import torchvision_pipeline
 from contrastive.callbacks import Callback, TrainState
 from contrastive.config import AugmentConfig, DataConfig, Params, load_params, parse_params
 from contrastive.data import load_manifest, load_split, prepare
-from contrastive.evaluate import Features, evaluate_features, extract_features
+from contrastive.evaluate import Features, evaluate_features
+from contrastive.features import extract_features
+from contrastive.layout import Layout
 from contrastive.losses import NTXentLoss
 from contrastive.models import ProjectionHead, build_encoder, load_encoder
 from contrastive.optim import build_optimizer, lr_at, scaled_lr
 from contrastive.runtime import seed_everything
-from contrastive.train import pretrain
+from contrastive.stages import pretrain
 
 TARGET = 2.0
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,12 +191,9 @@ class Project:
         self.history: list[dict[str, float]] = []
 
     def run(self, turns: Turns, name: str) -> None:
-        f = self.folder
-        self.metrics = pretrain(self.params, self.prepared, encoder_path=f / "encoder.pt",
-                                checkpoint_dir=f / "checkpoints", metrics_path=f / "pretrain.json",
-                                history_path=f / "pretrain.csv", knn_path=f / "knn.csv",
-                                callbacks=[HandOver(turns, name)])
-        state = torch.load(f / "checkpoints" / "last.pt", weights_only=True)
+        layout = Layout(self.folder, prepared_dir=self.prepared)
+        self.metrics = pretrain.run(self.params, layout, callbacks=[HandOver(turns, name)])
+        state = torch.load(layout.checkpoints / "last.pt", weights_only=True)
         self.history = state["history"]
 
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from contrastive import train
 from contrastive.cli import main
 from contrastive.config import load_params
+from contrastive.layout import Layout
+from contrastive.stages import pretrain as pretrain_stage
 from tests.conftest import write_params
 
 
@@ -56,7 +57,7 @@ def test_a_corrupt_checkpoint_is_one_line_and_loses_nothing(
 ) -> None:
     Path("models").mkdir()
     Path("models/encoder.pt").write_bytes(b"the encoder of an earlier run")
-    train.pretrain(load_params("params.yaml"), stop_after_epoch=1)
+    pretrain_stage.run(load_params("params.yaml"), Layout(), stop_after_epoch=1)
     encoder = Path("models/encoder.pt").read_bytes()
     checkpoint = Path("checkpoints/last.pt")
     data = checkpoint.read_bytes()

@@ -13,12 +13,12 @@ from contrastive.evaluate import (
     evaluate_features,
     fit_linear_probe,
     fit_probe_path,
-    knn_scores,
-    plot_embedding,
-    probe_stage,
-    topk_accuracy,
 )
+from contrastive.features import knn_scores, topk_accuracy
+from contrastive.layout import Layout
 from contrastive.models import LinearProbe
+from contrastive.plots import plot_embedding
+from contrastive.stages import probe
 
 
 def test_topk_accuracy() -> None:
@@ -73,7 +73,7 @@ def test_failed_probe_keeps_the_earlier_outputs(workspace: Path) -> None:
         Path(path).parent.mkdir(exist_ok=True)
         Path(path).write_text(f"earlier {path}")
     with pytest.raises(ConfigError, match="prepared manifest not found"):
-        probe_stage(load_params())
+        probe.run(load_params(), Layout())
     assert {p: Path(p).read_text() for p in outputs} == {p: f"earlier {p}" for p in outputs}
 
 

@@ -11,16 +11,17 @@ import pytest
 import torch
 
 import contrastive
-from contrastive.config import ConfigError, ExportConfig, ModelConfig
+from contrastive.config import ConfigError, ExportConfig, ModelConfig, parse_params
 from contrastive.export import (
     EmbeddingModel,
     ExportCheckError,
     check_parity,
-    export_encoder,
     onnx_metadata,
     ort_session,
 )
+from contrastive.layout import Layout
 from contrastive.models import EncoderInfo, LinearProbe, build_encoder, save_encoder, save_probe
+from contrastive.stages import export
 
 SIZE = 8
 MEAN = [0.4, 0.5, 0.6]
@@ -43,12 +44,14 @@ def make_inputs(root: Path, encoder: str = "small_cnn", n_test: int = 300) -> di
     probe = LinearProbe(dim, 3)
     probe.feature_mean.normal_()
     probe.feature_std.uniform_(0.5, 2.0)
-    paths = {"encoder": root / "encoder.pt", "probe": root / "probe.pt",
-             "prepared": root / "prepared"}
+    layout = Layout(root)
+    paths = {"root": root, "encoder": layout.encoder, "probe": layout.probe,
+             "prepared": layout.prepared, "onnx": layout.onnx,
+             "metrics": layout.export_metrics, "report": layout.export_report}
     save_encoder(paths["encoder"], net, info)
     save_probe(paths["probe"], probe)
     rng = np.random.default_rng(0)
-    paths["prepared"].mkdir()
+    paths["prepared"].mkdir(parents=True)
     for split, n in (("train", 10), ("test", n_test)):
         x = rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
         np.savez(paths["prepared"] / f"{split}.npz", x=x, y=rng.integers(0, 3, n, dtype=np.int64))
@@ -56,15 +59,14 @@ def make_inputs(root: Path, encoder: str = "small_cnn", n_test: int = 300) -> di
 
 
 def run_export(paths: dict[str, Path], cfg: ExportConfig = FAST) -> dict:
-    return export_encoder(paths["encoder"], paths["probe"], paths["prepared"],
-                          paths["onnx"], paths["metrics"], cfg)
+    """The export stage on ``make_inputs``'s folder with ``cfg``."""
+    return export.run(parse_params({"export": cfg.model_dump()}), Layout(paths["root"]))
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("export")
     paths = make_inputs(root)
-    paths |= {"onnx": root / "models" / "encoder.onnx", "metrics": root / "metrics" / "export.json"}
     return {"paths": paths, "metrics": run_export(paths)}
 
 
@@ -81,10 +83,9 @@ def test_export_passes_checks_and_writes_metrics(exported: dict) -> None:
     assert set(metrics["latency_ms"]) == {"ort_b1", "torch_b1", "ort_b256", "torch_b256"}
     assert metrics["speedup_b1"] == pytest.approx(
         metrics["latency_ms"]["torch_b1"] / metrics["latency_ms"]["ort_b1"], rel=0.01)
-    # the file holds the numbers that describe the model; timings and text go to the report,
-    # beside it here (a temporary folder), in reports/export.json for the project
+    # the file holds the numbers that describe the model; timings and text go to the report
     written = json.loads(paths["metrics"].read_text())
-    report = json.loads(paths["metrics"].with_name("export.report.json").read_text())
+    report = json.loads(paths["report"].read_text())
     assert written == {k: metrics[k] for k in ("max_abs_diff", "prediction_agreement", "n_test",
                                                 "onnx_file_bytes", "opset")}
     assert report == {k: v for k, v in metrics.items() if k not in written}
@@ -142,12 +143,11 @@ def test_the_model_file_names_no_folder_of_this_machine(exported: dict) -> None:
 
 def test_failed_check_leaves_no_onnx_and_keeps_an_older_one(tmp_path: Path) -> None:
     paths = make_inputs(tmp_path, n_test=20)
-    paths |= {"onnx": tmp_path / "encoder.onnx", "metrics": tmp_path / "export.json"}
     strict = ExportConfig(atol=1e-30, latency_repeats=1)
     with pytest.raises(ExportCheckError, match="limit export.atol"):
         run_export(paths, strict)
     assert not paths["onnx"].exists() and not paths["metrics"].exists()
-    assert [p.name for p in tmp_path.iterdir() if "onnx" in p.name] == []  # no temporary left
+    assert list(paths["onnx"].parent.glob("*onnx*")) == []  # no temporary left
 
     paths["onnx"].write_bytes(b"older good model")
     with pytest.raises(ExportCheckError):
@@ -157,7 +157,6 @@ def test_failed_check_leaves_no_onnx_and_keeps_an_older_one(tmp_path: Path) -> N
 
 def test_mismatched_inputs_stop_before_any_work(tmp_path: Path) -> None:
     paths = make_inputs(tmp_path, n_test=4)
-    paths |= {"onnx": tmp_path / "encoder.onnx", "metrics": tmp_path / "export.json"}
     wrong = np.zeros((4, SIZE * 2, SIZE * 2, 3), dtype=np.uint8)
     np.savez(paths["prepared"] / "test.npz", x=wrong, y=np.zeros(4, dtype=np.int64))
     with pytest.raises(ConfigError, match=r"test images must be uint8 \(N, 8, 8, 3\)"):
@@ -199,7 +198,6 @@ def test_falls_back_to_torchscript_when_dynamo_fails(tmp_path: Path,
 
     monkeypatch.setattr(torch.onnx, "export", dynamo_broken)
     paths = make_inputs(tmp_path, n_test=20)
-    paths |= {"onnx": tmp_path / "encoder.onnx", "metrics": tmp_path / "export.json"}
     metrics = run_export(paths)
     assert metrics["exporter"] == "torchscript"
     assert metrics["dynamo_error"] == "RuntimeError: unsupported op"
@@ -211,7 +209,6 @@ def test_falls_back_to_torchscript_when_dynamo_fails(tmp_path: Path,
 
 def test_resnet18_cifar_exports(tmp_path: Path) -> None:
     paths = make_inputs(tmp_path, encoder="resnet18_cifar", n_test=8)
-    paths |= {"onnx": tmp_path / "encoder.onnx", "metrics": tmp_path / "export.json"}
     start = time.perf_counter()
     metrics = run_export(paths, ExportConfig(latency_repeats=1))
     assert metrics["exporter"] == "dynamo"

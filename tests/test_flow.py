@@ -56,10 +56,11 @@ from contrastive.cli import main
 crashed = Path({marker!r})
 if sys.argv[1:] == ["pretrain"] and not crashed.exists():
     from contrastive.config import load_params
-    from contrastive.train import pretrain
+    from contrastive.layout import Layout
+    from contrastive.stages import pretrain
 
     crashed.touch()
-    pretrain(load_params(), stop_after_epoch=1)
+    pretrain.run(load_params(), Layout(), stop_after_epoch=1)
     sys.exit(1)
 sys.exit(main())
 """

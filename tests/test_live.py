@@ -8,9 +8,11 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from contrastive import live, store, train
+from contrastive import live, store
 from contrastive.cli import main
 from contrastive.config import load_params
+from contrastive.layout import Layout
+from contrastive.stages import pretrain as pretrain_stage
 from contrastive.tracking import LIVE_TAG, STATE_TAG
 from tests.conftest import new_store
 from tests.test_tracking import make_project
@@ -57,15 +59,16 @@ def test_pretrain_logs_each_epoch_while_it_trains(tracked: Path) -> None:
 def test_a_resumed_pretraining_continues_its_run(tracked: Path) -> None:
     params = load_params("params.yaml")
     callback = live.LiveRun(params)
-    assert train.pretrain(params, callbacks=[callback], stop_after_epoch=1)
+    assert pretrain_stage.run(params, Layout(), callbacks=[callback], stop_after_epoch=1)
     (stopped,) = runs()
     assert stopped.info.status == "FAILED" and len(losses(stopped.info.run_id)) == 1
-    train.pretrain(params, callbacks=[live.LiveRun(params)])
+    pretrain_stage.run(params, Layout(), callbacks=[live.LiveRun(params)])
     (finished,) = runs()
     assert finished.info.run_id == stopped.info.run_id
     assert finished.info.status == "FINISHED"
     assert [step for step, _ in losses(finished.info.run_id)] == [1, 2, 3]
-    train.pretrain(params, callbacks=[live.LiveRun(params)])  # the checkpoint is complete
+    # the checkpoint is complete
+    pretrain_stage.run(params, Layout(), callbacks=[live.LiveRun(params)])
     assert [run.info.run_id for run in runs()] == [finished.info.run_id]
 
 

@@ -20,8 +20,11 @@ from contrastive.batches import Batch, InMemoryBatches
 from contrastive.callbacks import Callback, TrainState
 from contrastive.config import load_params
 from contrastive.data import prepare
-from contrastive.evaluate import extract_features
+from contrastive.features import extract_features
+from contrastive.layout import Layout
 from contrastive.models import SmallCNN
+from contrastive.runtime import Runtime
+from contrastive.stages import pretrain as pretrain_stage
 
 VIEW_DELAY, EPOCH_DELAY, STEP_DELAY = 0.02, 0.05, 0.01
 
@@ -53,7 +56,7 @@ def test_fit_accounts_for_the_views_the_steps_and_each_callback(workspace: Path)
     params = load_params("params.yaml")
     prepare(params.data, params.seed)
     state, batches = train.build_run(params, train.TrainingData.load(paths.PREPARED),
-                                     torch.device("cpu"))
+                                     Runtime.resolve(params))
     slow_views = SlowViews(batches)
     train.fit(state, slow_views, 0.1, 1, [SlowAtEpochEnd(), SlowAfterEachStep()])
 
@@ -74,7 +77,7 @@ def test_fit_accounts_for_the_views_the_steps_and_each_callback(workspace: Path)
 def test_pretrain_reports_where_its_time_went(workspace: Path) -> None:
     params = load_params("params.yaml")
     prepare(params.data, params.seed)
-    result = train.pretrain(params)
+    result = pretrain_stage.run(params, Layout())
     seconds = result["seconds"]
     assert {"views", "steps", "KnnMonitor", "ProgressBar", "Checkpointer"} <= set(seconds)
     assert all(value >= 0 for value in seconds.values())

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from contrastive import train
 from contrastive.cli import main
 from contrastive.config import METHODS, load_params
+from contrastive.layout import Layout
 from contrastive.methods import REGISTRY
+from contrastive.stages import pretrain as pretrain_stage
 from tests.conftest import write_params
 
 # Small enough for seconds per run; moco's queue (384) is not full after the first epoch.
@@ -35,14 +36,14 @@ def test_resume_after_a_kill_is_exact(workspace: Path, method: str) -> None:
     write_params(workspace, method_overrides(method))
     assert main(["prepare"]) == 0
     params = load_params("params.yaml")
-    metrics = train.pretrain(params)
+    metrics = pretrain_stage.run(params, Layout())
     assert metrics["method"] == method and metrics["final_loss"] < float("inf")
     uninterrupted = torch.load("checkpoints/last.pt", weights_only=True)
 
     Path("checkpoints/last.pt").unlink()
-    assert train.pretrain(params, stop_after_epoch=1) == {"stopped_after_epoch": 1}
+    assert pretrain_stage.run(params, Layout(), stop_after_epoch=1) == {"stopped_after_epoch": 1}
     assert torch.load("checkpoints/last.pt", weights_only=True)["epoch"] == 1
-    resumed_metrics = train.pretrain(params)
+    resumed_metrics = pretrain_stage.run(params, Layout())
     resumed = torch.load("checkpoints/last.pt", weights_only=True)
 
     assert resumed_metrics["final_loss"] == metrics["final_loss"]

@@ -18,8 +18,10 @@ from contrastive.batches import InMemoryBatches
 from contrastive.cli import main
 from contrastive.config import AugmentConfig, ConfigError, Params, load_params, parse_params
 from contrastive.data import prepare
+from contrastive.layout import Layout
 from contrastive.losses import MarginPairLoss, NTXentLoss, SupConLoss, TripletLoss
 from contrastive.models import build_encoder, load_encoder
+from contrastive.stages import pretrain as pretrain_stage
 from tests.conftest import write_params
 
 Terms = list[tuple[int, torch.Tensor]]
@@ -421,15 +423,7 @@ def imbalanced_npz(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run_pretrain(folder: Path, prepared: Path, overrides: dict) -> dict:
     params = load_params(write_params(folder, overrides))
-    return train.pretrain(
-        params,
-        prepared_dir=prepared,
-        encoder_path=folder / "encoder.pt",
-        checkpoint_dir=folder / "checkpoints",
-        metrics_path=folder / "pretrain.json",
-        history_path=folder / "pretrain.csv",
-        knn_path=folder / "knn.csv",
-    )
+    return pretrain_stage.run(params, Layout(folder, prepared_dir=prepared))
 
 
 @pytest.mark.parametrize(
@@ -448,7 +442,7 @@ def test_tiny_pretraining_gives_a_finite_loss_and_an_encoder(
     metrics = run_pretrain(tmp_path, digits_prepared, {"train": train_cfg})
     assert metrics["method"] == train_cfg["method"]
     assert math.isfinite(metrics["final_loss"]) and metrics["final_loss"] > 0
-    encoder, _ = load_encoder(tmp_path / "encoder.pt")
+    encoder, _ = load_encoder(Layout(tmp_path).encoder)
     assert encoder(torch.zeros(2, 3, 8, 8)).shape == (2, encoder.embedding_dim)
     if train_cfg.get("learn_temperature"):
         assert 0.01 <= metrics["temperature"] <= 1
@@ -468,7 +462,7 @@ def test_imbalanced_supcon_with_class_balance(
     assert counts["0"] > 5 * counts["9"]
     metrics = run_pretrain(tmp_path, tmp_path / "prepared", overrides)
     assert math.isfinite(metrics["final_loss"]) and metrics["final_loss"] > 0
-    assert (tmp_path / "encoder.pt").is_file()
+    assert Layout(tmp_path).encoder.is_file()
 
 
 # --- one-line errors ------------------------------------------------------------------------------

@@ -9,12 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from contrastive import paths, train
+from contrastive import paths
 from contrastive.config import MoCoConfig, ModelConfig, load_params
 from contrastive.data import load_split, prepare
+from contrastive.layout import Layout
 from contrastive.losses import InfoNCELoss, Temperature
 from contrastive.methods.moco import MoCo
 from contrastive.models import build_encoder, load_encoder
+from contrastive.stages import pretrain as pretrain_stage
 from tests.conftest import write_params
 
 
@@ -218,13 +220,13 @@ def test_resume_with_a_partly_filled_queue_matches_the_uninterrupted_run(workspa
     # 1152 of 1536 slots are written after epoch 1 (the rest still random); epoch 2 wraps around
     assert keys_per_epoch == 1152
 
-    train.pretrain(params, encoder_path="full/encoder.pt", checkpoint_dir="full")
-    assert train.pretrain(params, stop_after_epoch=1) == {"stopped_after_epoch": 1}
+    pretrain_stage.run(params, Layout("full", prepared_dir=Path(paths.PREPARED)))
+    assert pretrain_stage.run(params, Layout(), stop_after_epoch=1) == {"stopped_after_epoch": 1}
     killed = torch.load("checkpoints/last.pt", weights_only=True)
     assert killed["epoch"] == 1 and int(killed["method"]["queue_ptr"]) == 1152
-    train.pretrain(params)
+    pretrain_stage.run(params, Layout())
 
-    full = torch.load("full/last.pt", weights_only=True)
+    full = torch.load(Layout("full").checkpoints / "last.pt", weights_only=True)
     resumed = torch.load("checkpoints/last.pt", weights_only=True)
     assert int(resumed["method"]["queue_ptr"]) == 2 * 1152 % 1536
     for (name, a), b in zip(full["method"].items(), resumed["method"].values(), strict=True):
@@ -234,7 +236,7 @@ def test_resume_with_a_partly_filled_queue_matches_the_uninterrupted_run(workspa
         {k: v for k, v in r.items() if k != "images_per_s"} for r in resumed["history"]
     ]
     for (name, a), b in zip(
-        load_encoder("full/encoder.pt")[0].state_dict().items(),
+        load_encoder(Layout("full").encoder)[0].state_dict().items(),
         load_encoder(paths.ENCODER)[0].state_dict().values(),
         strict=True,
     ):

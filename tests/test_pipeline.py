@@ -14,7 +14,9 @@ from contrastive.callbacks import Callback, TrainState
 from contrastive.cli import main
 from contrastive.config import load_params
 from contrastive.data import prepare
+from contrastive.layout import Layout
 from contrastive.models import load_encoder
+from contrastive.stages import pretrain as pretrain_stage
 from tests.conftest import write_params
 
 STAGES = ("prepare", "pretrain", "probe", "export")
@@ -123,10 +125,10 @@ def test_same_seed_same_result_and_resume_matches(workspace: Path) -> None:
     # (a killed run leaves the previous outputs as they were)
     Path("checkpoints/last.pt").unlink()
     before = Path("models/encoder.pt").read_bytes()
-    train.pretrain(params, stop_after_epoch=1)
+    pretrain_stage.run(params, Layout(), stop_after_epoch=1)
     assert torch.load("checkpoints/last.pt", weights_only=True)["epoch"] == 1
     assert Path("models/encoder.pt").read_bytes() == before
-    resumed_metrics = train.pretrain(params)
+    resumed_metrics = pretrain_stage.run(params, Layout())
     resumed, _ = load_encoder("models/encoder.pt")
     assert resumed_metrics["final_loss"] == first["final_loss"]
     for (name, a), b in zip(
@@ -155,7 +157,7 @@ def test_nan_loss_stops_and_keeps_the_good_checkpoint(
     params = load_params("params.yaml")
     steps_per_epoch = 1259 // 128
     with pytest.raises(train.TrainingDivergedError) as failure:
-        train.pretrain(params, callbacks=[PoisonWeights(steps_per_epoch + 1)])
+        pretrain_stage.run(params, Layout(), callbacks=[PoisonWeights(steps_per_epoch + 1)])
     assert "loss became nan in epoch 2" in str(failure.value)
     assert "epoch 1 is kept" in str(failure.value)
     assert torch.load("checkpoints/last.pt", weights_only=True)["epoch"] == 1

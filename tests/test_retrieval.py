@@ -12,13 +12,15 @@ from sklearn.metrics import roc_auc_score
 
 from contrastive.config import ConfigError, ModelConfig, load_params, parse_params
 from contrastive.data import load_manifest, prepare
-from contrastive.evaluate import probe_stage, resolve_knn_k
+from contrastive.features import resolve_knn_k
+from contrastive.layout import Layout
 from contrastive.models import EncoderInfo, build_encoder, save_encoder
 from contrastive.retrieval import (
     knn_anomaly_scores,
     leave_one_class_out,
     retrieval_metrics,
 )
+from contrastive.stages import probe
 
 
 def at_angles(degrees: list[float]) -> torch.Tensor:
@@ -137,7 +139,7 @@ def test_probe_stage_reports_retrieval_anomalies_and_the_k_used(workspace: Path)
         params_hash="0" * 16))
     auto = load_params().model_copy(update={"probe": params.probe.model_copy(
         update={"knn_k": "auto"})})
-    metrics = probe_stage(auto)
+    metrics = probe.run(auto, Layout())
     smallest = min(manifest["counts"]["train"].values())
     assert metrics["knn_k"] == min(200, smallest) and metrics["anomaly_k"] == 2
     for key in ("pretrained", "random_init", "raw_pixels"):
@@ -158,7 +160,7 @@ def test_probe_stage_reports_retrieval_anomalies_and_the_k_used(workspace: Path)
         return isinstance(value, int | float) and not isinstance(value, bool)
 
     assert numbers_only(written)
-    assert probe_stage(auto) == metrics  # the same seed and data give the same figures
+    assert probe.run(auto, Layout()) == metrics  # the same seed and data give the same figures
 
 
 def test_per_class_metric_names_are_valid_mlflow_names() -> None:

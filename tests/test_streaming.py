@@ -19,6 +19,8 @@ from contrastive.batches import InMemoryBatches, StepRows, StreamingBatches
 from contrastive.cli import main
 from contrastive.config import AugmentConfig, ConfigError, load_params, parse_params
 from contrastive.data import load_split, map_npz_member, map_split
+from contrastive.layout import Layout
+from contrastive.stages import pretrain as pretrain_stage
 from tests.conftest import write_params
 
 SIZE = 8
@@ -174,19 +176,16 @@ def test_a_streamed_pretrain_trains_exactly_the_in_memory_run(workspace: Path) -
     for streaming in ("off", "on"):
         out = workspace / streaming
         write_params(workspace, {"train": {"epochs": 2, "knn_every": 1, "streaming": streaming}})
-        metrics = train.pretrain(
-            load_params("params.yaml"), encoder_path=out / "encoder.pt",
-            checkpoint_dir=out / "checkpoints", metrics_path=out / "metrics.json",
-            history_path=out / "history.csv", knn_path=out / "knn.csv",
-        )
-        with (out / "history.csv").open() as handle:
+        layout = Layout(out, prepared_dir=workspace / "data/prepared")
+        metrics = pretrain_stage.run(load_params("params.yaml"), layout)
+        with layout.pretrain_history.open() as handle:
             history = [{k: v for k, v in row.items() if k != "images_per_s"}
                        for row in csv.DictReader(handle)]
         assert metrics.pop("streaming") is (streaming == "on")
         metrics.pop("images_per_s")
         assert all(value >= 0 for value in metrics.pop("seconds").values())  # wall time
-        saved = torch.load(out / "encoder.pt", weights_only=True)["state_dict"]
-        runs[streaming] = (metrics, history, (out / "knn.csv").read_text(), saved)
+        saved = torch.load(layout.encoder, weights_only=True)["state_dict"]
+        runs[streaming] = (metrics, history, layout.knn_history.read_text(), saved)
     off, on = runs["off"], runs["on"]
     assert on[0] == off[0] and on[1] == off[1] and len(off[1]) == 2
     assert on[2] == off[2] and off[2].count("\n") == 3  # header and 2 epochs of kNN

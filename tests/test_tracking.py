@@ -32,11 +32,12 @@ import yaml
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from contrastive import provenance, registry, store, tracking
+from contrastive import paths, provenance, registry, store, tracking
 from contrastive.cli import main
-from contrastive.config import ExportConfig, ModelConfig, flatten, load_params
-from contrastive.export import export_encoder, ort_session
+from contrastive.config import ModelConfig, flatten, load_params, parse_params
+from contrastive.export import ort_session
 from contrastive.files import write_json
+from contrastive.layout import Layout
 from contrastive.models import (
     EncoderInfo,
     LinearProbe,
@@ -46,6 +47,7 @@ from contrastive.models import (
     save_probe,
 )
 from contrastive.registry import Candidate, Champion, RescoreError, decide
+from contrastive.stages import export
 from tests.conftest import ROOT, new_store, write_params
 
 NAME = "contrastive-encoder"
@@ -180,7 +182,7 @@ def test_register_stage_deps_cover_what_it_reads() -> None:
     for module in ("tracking", "registry", "inference"):
         assert f"src/contrastive/{module}.py" in deps
     assert stage["params"] == ["registry"]
-    assert stage["outs"] == [{registry.REPORT: {"cache": False, "persist": True}}]
+    assert stage["outs"] == [{paths.REGISTRY_REPORT: {"cache": False, "persist": True}}]
     assert "metrics" not in stage  # the report holds text: no metric for dvc to compare
 
 
@@ -327,9 +329,7 @@ def make_project(root: Path) -> None:
     models = root / "models"
     save_encoder(models / "encoder.pt", net, info)
     save_probe(models / "probe.pt", LinearProbe(net.embedding_dim, 3))
-    export_encoder(models / "encoder.pt", models / "probe.pt", prepared, models / "encoder.onnx",
-                   root / "metrics" / "export.json", ExportConfig(latency_repeats=2),
-                   root / "reports" / "export.json")
+    export.run(parse_params({"export": {"latency_repeats": 2}}), Layout(root))
     write_json(root / "metrics" / "pretrain.json", {
         "final_loss": 4.2, "knn_val_top1": 0.4, "epochs": 3, "collapsed": False,
     })
@@ -395,7 +395,7 @@ def runs() -> list[Any]:
 
 
 def report(root: Path) -> dict[str, Any]:
-    return json.loads((root / registry.REPORT).read_text())
+    return json.loads((root / paths.REGISTRY_REPORT).read_text())
 
 
 def test_first_registration_is_champion_and_fully_traced(project: Path) -> None:
@@ -574,7 +574,7 @@ def test_unreachable_store_fails_at_once_naming_the_setting_and_touches_nothing(
     project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     before = {p: p.read_bytes() for p in project.glob("[dmpr]*/**/*") if p.is_file()}
-    assert project / registry.REPORT in before  # the earlier report stays as it was
+    assert project / paths.REGISTRY_REPORT in before  # the earlier report stays as it was
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     assert main(["register"]) == 2  # after 3 quick tries, not MLflow's minutes of retries
@@ -613,7 +613,7 @@ def test_a_missing_bucket_is_one_line_naming_the_setting_and_records_nothing(
         "s3://gone/art, and its bucket 'gone' does not exist"
     ), err
     assert versions() == {} and runs() == []
-    assert not (tmp_path / registry.REPORT).exists()
+    assert not (tmp_path / paths.REGISTRY_REPORT).exists()
     assert before == {p: p.read_bytes() for p in tmp_path.glob("[dmpr]*/**/*") if p.is_file()}
 
 

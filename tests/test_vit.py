@@ -16,8 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from contrastive.config import ExportConfig, ModelConfig
-from contrastive.export import EmbeddingModel, export_encoder, onnx_metadata, ort_session
+from contrastive.config import ExportConfig, ModelConfig, parse_params
+from contrastive.export import EmbeddingModel, onnx_metadata, ort_session
+from contrastive.layout import Layout
 from contrastive.models import (
     EncoderInfo,
     LinearProbe,
@@ -27,6 +28,7 @@ from contrastive.models import (
     save_encoder,
     save_probe,
 )
+from contrastive.stages import export
 
 SIZE = 8
 PATCH = 4
@@ -125,19 +127,18 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A random ViT and probe, saved, then through the export stage with its parity checks."""
     root = tmp_path_factory.mktemp("vit_export")
-    paths = {"encoder": root / "encoder.pt", "probe": root / "probe.pt",
-             "prepared": root / "prepared", "onnx": root / "encoder.onnx",
-             "metrics": root / "export.json"}
+    layout = Layout(root)
+    paths = {"encoder": layout.encoder, "probe": layout.probe, "prepared": layout.prepared,
+             "onnx": layout.onnx}
     save_encoder(paths["encoder"], tiny_vit(), encoder_info())
     probe = LinearProbe(192, 3)
     probe.feature_std.fill_(0.1)  # spread the logits so the class check is not trivial
     save_probe(paths["probe"], probe)
     rng = np.random.default_rng(0)
-    paths["prepared"].mkdir()
+    paths["prepared"].mkdir(parents=True)
     x = rng.integers(0, 256, (40, SIZE, SIZE, 3), dtype=np.uint8)
     np.savez(paths["prepared"] / "test.npz", x=x, y=rng.integers(0, 3, 40, dtype=np.int64))
-    metrics = export_encoder(paths["encoder"], paths["probe"], paths["prepared"], paths["onnx"],
-                             paths["metrics"], ExportConfig(latency_repeats=1))
+    metrics = export.run(parse_params({"export": {"latency_repeats": 1}}), layout)
     return {"paths": paths, "metrics": metrics}
 
 

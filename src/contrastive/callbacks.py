@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from contrastive.config import ConfigError, StageFailed
+from contrastive.features import extract_features, knn_scores, topk_accuracy
 from contrastive.files import atomic_path
+from contrastive.runtime import Runtime
 
 
 class TrainingDivergedError(StageFailed):
@@ -205,9 +207,9 @@ class KnnMonitor(Callback):
     every ``every`` epochs and at the last (``every`` 0: never), and the embedding spread of
     val at the last epoch, which tells a collapsed representation.
 
-    The features are computed in the training's precision and memory format (``bf16``,
-    ``memory_format``): in fp32 NCHW, on a CPU that trains in bf16, the monitor cost 3-4x as
-    much (docs/benchmarks.md, "Pretraining overhead").
+    The features are computed on the run's device, in its precision and memory format
+    (``runtime``): in fp32 NCHW, on a CPU that trains in bf16, the monitor cost 3-4x as much
+    (docs/benchmarks.md, "Pretraining overhead").
     """
 
     def __init__(
@@ -217,23 +219,18 @@ class KnnMonitor(Callback):
         val: tuple[Any, Any],
         mean: list[float],
         std: list[float],
-        device: torch.device,
+        runtime: Runtime,
         num_classes: int,
         k: int,
         temperature: float,
         batch_size: int,
-        bf16: bool = False,
-        memory_format: torch.memory_format = torch.contiguous_format,
     ) -> None:
         self.every, self.train, self.val = every, train, val
-        self.bf16, self.memory_format = bf16, memory_format
-        self.mean, self.std, self.device = mean, std, device
+        self.mean, self.std, self.runtime = mean, std, runtime
         self.num_classes, self.k, self.temperature = num_classes, k, temperature
         self.batch_size = batch_size
 
     def on_epoch_end(self, state: TrainState, record: dict[str, Any]) -> None:
-        from contrastive.evaluate import extract_features, knn_scores, topk_accuracy
-
         last = state.epoch == state.epochs
         due = self.every and (state.epoch % self.every == 0 or last)
         if not (due or last):
@@ -242,9 +239,10 @@ class KnnMonitor(Callback):
         was_training = encoder.training
 
         def features(images: Any) -> torch.Tensor:
+            runtime = self.runtime
             return extract_features(
-                encoder, images, self.mean, self.std, self.device, self.batch_size,
-                bf16=self.bf16, memory_format=self.memory_format,
+                encoder, images, self.mean, self.std, runtime.device, self.batch_size,
+                bf16=runtime.bf16, memory_format=runtime.memory_format,
             )
 
         f_val = features(self.val[0])

@@ -1,7 +1,7 @@
 """The ``contrastive`` command: one sub-command per pipeline stage, plus registry and model tools.
 
-Each stage reads ``params.yaml``, calls one library function with the project's standard paths, and
-writes its outputs. DVC runs these commands; Prefect runs DVC; tests call the same functions.
+Each stage reads ``params.yaml`` and calls its stage function (:mod:`contrastive.stages`) with the
+project's layout. DVC runs these commands; Prefect runs DVC; tests call the same functions.
 ``registry``, ``embed``, ``index``, ``search`` and ``anomaly`` serve people who use the registered
 models; ``remote check`` checks the DVC remote before ``dvc push`` / ``dvc pull``.
 Bad params or data end with one line on stderr and exit status 2; a failed check ends with exit 1.
@@ -23,13 +23,13 @@ from typing import Any
 from contrastive import paths
 from contrastive.config import ConfigError, Params, StageFailed, load_params
 from contrastive.cpu import configure_threads
+from contrastive.layout import Layout
 
 
 def _prepare(params: Params) -> dict[str, Any]:
-    from contrastive.data import prepare
+    from contrastive.stages import prepare
 
-    manifest = prepare(params.data, params.seed)
-    return {"counts": manifest["totals"], "classes": manifest["num_classes"]}
+    return prepare.run(params, Layout())
 
 
 def _pretrain(params: Params, params_path: str = "params.yaml") -> dict[str, Any] | int:
@@ -37,35 +37,34 @@ def _pretrain(params: Params, params_path: str = "params.yaml") -> dict[str, Any
     already one of torchrun's processes, check everything and relaunch this command through
     ``torch.distributed.run``: its exit status."""
     from contrastive import distributed, live
-    from contrastive.train import check_launch, pretrain
+    from contrastive.stages import pretrain
 
+    layout = Layout()
     processes = distributed.requested_processes(params)
     if processes > 1 and distributed.env_world_size() == 1:
-        on_cuda = check_launch(params, processes)
+        on_cuda = pretrain.check_launch(params, layout, processes)
         return distributed.launch(["pretrain", "--params", params_path], processes, on_cuda)
     main_rank = distributed.env_rank() == 0
     tracked = live.enabled() and main_rank
-    return pretrain(params, callbacks=[live.LiveRun(params)] if tracked else [])
+    return pretrain.run(params, layout, callbacks=[live.LiveRun(params)] if tracked else [])
 
 
 def _probe(params: Params) -> dict[str, Any]:
-    from contrastive.evaluate import probe_stage
+    from contrastive.stages import probe
 
-    return probe_stage(params)
+    return probe.run(params, Layout())
 
 
 def _export(params: Params) -> dict[str, Any]:
-    from contrastive.export import export_encoder
+    from contrastive.stages import export
 
-    return export_encoder(
-        paths.ENCODER, paths.PROBE, paths.PREPARED, paths.ONNX, paths.EXPORT_METRICS, params.export
-    )
+    return export.run(params, Layout())
 
 
 def _register(params: Params) -> dict[str, Any]:
-    from contrastive.registry import register_stage
+    from contrastive.stages import register
 
-    return register_stage(params)
+    return register.run(params, Layout())
 
 
 STAGES: dict[str, tuple[Callable[[Params], dict[str, Any]], str]] = {

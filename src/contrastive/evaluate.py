@@ -1,19 +1,19 @@
-"""Frozen-feature evaluation: feature extraction, a linear probe, weighted kNN and baselines.
+"""Frozen-feature evaluation: a linear probe, weighted kNN, retrieval, anomaly detection and
+their baselines. It computes and returns; the ``probe`` stage writes (:mod:`contrastive.stages`).
 
 The probe and kNN follow the usual self-supervised protocol (lightly, solo-learn): the encoder is
 frozen, a multinomial logistic regression is fitted on train features with its L2 strength chosen on
-val, and a weighted kNN (temperature 0.1, InstDisc / Wu et al. 2018) votes with the train features;
-its k is ``probe.knn_k`` (``auto``: :func:`resolve_knn_k`). Retrieval and anomaly detection
-(:mod:`contrastive.retrieval`) measure what the embeddings are used for. All are reported on the
-test split, next to the same measures on a randomly initialised encoder of the same architecture
-and on raw pixels, so the gain from pretraining is visible.
+val, and a weighted kNN (temperature 0.1, InstDisc / Wu et al. 2018,
+:mod:`contrastive.features`) votes with the train features; its k is ``probe.knn_k``. Retrieval
+and anomaly detection (:mod:`contrastive.retrieval`) measure what the embeddings are used for.
+All are reported on the test split, next to the same measures on a randomly initialised encoder
+of the same architecture and on raw pixels, so the gain from pretraining is visible.
 """
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,84 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from contrastive import paths, retrieval
+from contrastive import retrieval
 from contrastive.config import ModelConfig, Params
-from contrastive.data import load_manifest, load_split
-from contrastive.files import atomic_path, write_json
-from contrastive.models import LinearProbe, Preprocess, build_encoder, load_encoder, save_probe
-from contrastive.plots import plot_confusion
-from contrastive.runtime import resolve_device
-
-
-@torch.inference_mode()
-def extract_features(
-    encoder: nn.Module,
-    images: np.ndarray,
-    mean: list[float],
-    std: list[float],
-    device: torch.device,
-    batch_size: int = 512,
-    desc: str | None = None,
-    bf16: bool = False,
-    memory_format: torch.memory_format = torch.contiguous_format,
-) -> torch.Tensor:
-    """Embeddings ``(N, D)`` float32 on the CPU of uint8 images ``(N, H, W, 3)``, computed in
-    batches; ``bf16`` and ``memory_format`` as in training (the kNN monitor), else fp32 NCHW."""
-    encoder = encoder.to(device).eval()
-    preprocess = Preprocess(mean, std).to(device)
-    chunks = []
-    starts = range(0, len(images), batch_size)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        for start in tqdm(starts, desc=desc, disable=desc is None, leave=False):
-            batch = torch.from_numpy(images[start : start + batch_size]).to(device)
-            x = preprocess(batch).contiguous(memory_format=memory_format)
-            chunks.append(encoder(x).float().cpu())
-    return torch.cat(chunks)
-
-
-KNN_K_CAP = 200
-"""``probe.knn_k: auto`` uses at most this many neighbours: the CIFAR protocol's k."""
-
-
-def resolve_knn_k(setting: int | str, train_labels: np.ndarray | torch.Tensor) -> int:
-    """The kNN's k: ``setting`` when a number; for ``auto``, min(200, the smallest train class).
-
-    Why: a weighted kNN with more neighbours than a class has images must take votes from other
-    classes; 200 suits CIFAR (5,000 per class) but not digits (about 126 per class).
-    """
-    if setting != "auto":
-        return int(setting)
-    counts = np.bincount(np.asarray(train_labels))
-    return min(KNN_K_CAP, int(counts[counts > 0].min()))
-
-
-def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
-    """Share of rows whose true label is among the ``k`` highest scores."""
-    k = min(k, scores.shape[1])
-    hits = (scores.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
-    return hits.float().mean().item()
-
-
-def knn_scores(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    query_features: torch.Tensor,
-    num_classes: int,
-    k: int = 200,
-    temperature: float = 0.1,
-    chunk: int = 1024,
-) -> torch.Tensor:
-    """Class scores ``(Q, C)`` of a cosine-similarity kNN whose votes weigh ``exp(sim / t)``."""
-    train = F.normalize(train_features, dim=1)
-    k = min(k, len(train))
-    out = []
-    for start in range(0, len(query_features), chunk):
-        query = F.normalize(query_features[start : start + chunk], dim=1)
-        sim, idx = (query @ train.T).topk(k, dim=1)  # (q, k)
-        weights = (sim / temperature).exp()
-        votes = F.one_hot(train_labels[idx], num_classes).float()  # (q, k, C)
-        out.append((votes * weights[..., None]).sum(dim=1))
-    return torch.cat(out)
+from contrastive.features import extract_features, knn_scores, resolve_knn_k, topk_accuracy
+from contrastive.models import EncoderInfo, LinearProbe, build_encoder
 
 
 def fit_linear_probe(
@@ -281,27 +207,32 @@ def _pixel_features(
     return Features(f["train"], f["val"], f["test"], y["train"], y["val"], y["test"])
 
 
-def probe_stage(
+@dataclass(frozen=True)
+class Evaluation:
+    """What :func:`evaluate_encoder` finds: the metrics (pretrained, random-init and raw-pixel
+    features side by side), the chosen linear probe, its class for every test image, the test
+    features, and the anomaly scores of each feature set for the histograms."""
+
+    metrics: dict[str, Any]
+    probe: LinearProbe
+    predictions: torch.Tensor
+    test_features: torch.Tensor
+    test_labels: torch.Tensor
+    anomaly_rounds: dict[str, tuple[dict[int, tuple[np.ndarray, np.ndarray]], float]]
+
+
+def evaluate_encoder(
     params: Params,
-    prepared_dir: str | Path = paths.PREPARED,
-    encoder_path: str | Path = paths.ENCODER,
-    probe_path: str | Path = paths.PROBE,
-    metrics_path: str | Path = paths.PROBE_METRICS,
-    confusion_path: str | Path = paths.CONFUSION,
-    embedding_plot: str | Path = paths.EMBEDDING_PLOT,
-    anomaly_plot: str | Path = paths.ANOMALY_PLOT,
-    confusion_plot: str | Path | None = None,
-) -> dict:
-    """Evaluate the pretrained encoder against a random-init encoder and raw pixels.
-
-    Each output is written atomically at the end; a failure leaves the earlier outputs as they were.
-    """
-    device = resolve_device(params.device)
-    manifest = load_manifest(prepared_dir)
-    classes, num_classes = manifest["classes"], manifest["num_classes"]
-    splits = {s: load_split(prepared_dir, s) for s in ("train", "val", "test")}
-    encoder, info = load_encoder(encoder_path)
-
+    encoder: nn.Module,
+    info: EncoderInfo,
+    splits: dict[str, tuple[np.ndarray, np.ndarray]],
+    classes: list[str],
+    device: torch.device,
+) -> Evaluation:
+    """The pretrained ``encoder`` against a random-init encoder of the same architecture and
+    against raw pixels, each with the linear probe, the kNN, retrieval and anomaly detection on
+    the ``train``/``val``/``test`` ``splits``."""
+    num_classes = len(classes)
     pretrained = _encoder_features(
         encoder, splits, info.mean, info.std, device, params.probe.batch_size, "pretrained"
     )
@@ -341,17 +272,7 @@ def probe_stage(
         "n_test": len(pretrained.y_test),
         "embedding_dim": info.embedding_dim,
     }
-    save_probe(probe_path, probe)
-    _write_confusion(confusion_path, pretrained.y_test, predictions, classes)
-    plot_confusion(confusion_path, classes, confusion_plot or paths.companion(
-        confusion_path, paths.CONFUSION, paths.CONFUSION_PLOT, ".png"))
-    plot_embedding(
-        embedding_plot, pretrained.test, pretrained.y_test, classes, params.seed,
-        params.probe.tsne_points,
-    )
-    retrieval.plot_anomaly_histograms(anomaly_plot, histograms)
-    write_json(metrics_path, metrics)
-    return metrics
+    return Evaluation(metrics, probe, predictions, pretrained.test, pretrained.y_test, histograms)
 
 
 def embedding_uses(
@@ -368,66 +289,3 @@ def embedding_uses(
     uses["anomaly_auroc"] = round(float(anomaly["anomaly_auroc"]), 6)
     uses["anomaly_auroc_per_class"] = per_class
     return uses, rounds
-
-
-def _write_confusion(
-    path: str | Path, actual: torch.Tensor, predicted: torch.Tensor, classes: list[str]
-) -> None:
-    """One row per test image, the shape DVC's ``confusion`` plot template reads."""
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["actual", "predicted"])
-        for a, p in zip(actual.tolist(), predicted.tolist(), strict=True):
-            writer.writerow([classes[a], classes[p]])
-
-
-def plot_embedding(
-    path: str | Path,
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    classes: list[str],
-    seed: int,
-    tsne_points: int = 1000,
-) -> dict[str, np.ndarray]:
-    """PCA and t-SNE maps of the test embeddings, coloured by class, side by side.
-
-    PCA maps every embedding; t-SNE, which costs seconds per thousand points where PCA costs
-    milliseconds, maps at most ``tsne_points`` of them, drawn with ``seed`` (0: no t-SNE map).
-    Returns each map's 2-d coordinates.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.decomposition import PCA
-    from sklearn.manifold import TSNE
-
-    x, y = F.normalize(features, dim=1).numpy(), labels.numpy()
-    maps = {"PCA": (PCA(n_components=2, random_state=seed).fit_transform(x), y)}
-    keep = np.arange(len(x))
-    if len(x) > tsne_points:
-        keep = np.sort(np.random.default_rng(seed).choice(len(x), tsne_points, replace=False))
-    if len(keep) > 5:
-        perplexity = min(30.0, (len(keep) - 1) / 3)
-        tsne = TSNE(2, perplexity=perplexity, init="pca", random_state=seed)
-        maps["t-SNE"] = (tsne.fit_transform(x[keep]), y[keep])
-    fig, axes = plt.subplots(1, len(maps), figsize=(6 * len(maps), 5.5), squeeze=False)
-    scatters = []
-    for ax, (name, (xy, colour)) in zip(axes[0], maps.items(), strict=True):
-        # One colour scale for both maps, even when the t-SNE subsample lacks a class.
-        scatters.append(
-            ax.scatter(xy[:, 0], xy[:, 1], c=colour, cmap="tab10", vmin=0, vmax=len(classes) - 1,
-                       s=8, alpha=0.8)
-        )
-        shown = f"{len(xy)} of {len(x)}" if len(xy) < len(x) else f"{len(x)}"
-        ax.set_title(f"{name} of test embeddings ({shown} images)")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    handles = scatters[0].legend_elements(num=None)[0]  # PCA: one per class present
-    names = [classes[k] for k in np.unique(y)]
-    fig.legend(handles, names, loc="center right", title="class", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 0.92, 1))
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    return {name: xy for name, (xy, _) in maps.items()}

@@ -1,4 +1,5 @@
-"""ONNX export of the encoder, checked against torch and timed (stage ``export``).
+"""ONNX export of the encoder, checked against torch and timed (the ``export`` stage,
+:mod:`contrastive.stages.export`, writes the file and its metrics).
 
 The exported graph takes raw images, ``uint8 (N, H, W, 3)`` RGB, named ``images``, and returns
 ``float32 (N, D)`` embeddings, named ``embeddings``. Preprocessing (cast, scale to [0, 1],
@@ -6,18 +7,20 @@ mean/std, NHWC -> NCHW) is part of the graph and everything a consumer needs to 
 mean/std, embedding size, params hash, classes) is stored in the model's metadata, so a consumer
 needs nothing but onnxruntime.
 
-The file is only written if onnxruntime reproduces the torch embeddings within ``export.atol``
+The model is only returned if onnxruntime reproduces the torch embeddings within ``export.atol``
 and the linear probe predicts the same class from both on every test image; otherwise
-:class:`ExportCheckError` is raised and any older model at the output path stays as it was.
+:class:`ExportCheckError` is raised and the stage writes nothing.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +30,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from contrastive import paths
 from contrastive.config import ConfigError, ExportConfig, StageFailed
-from contrastive.data import load_split
-from contrastive.files import atomic_path, write_json
-from contrastive.models import EncoderInfo, LinearProbe, Preprocess, load_encoder, load_probe
+from contrastive.models import EncoderInfo, LinearProbe, Preprocess
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "embeddings"
@@ -53,50 +53,44 @@ class EmbeddingModel(nn.Sequential):
         super().__init__(Preprocess(info.mean, info.std), encoder)
 
 
-def export_encoder(
-    encoder_path: str | Path,
-    probe_path: str | Path,
-    prepared_dir: str | Path,
-    onnx_path: str | Path,
-    metrics_path: str | Path,
-    cfg: ExportConfig,
-    report_path: str | Path | None = None,
-) -> dict:
-    """Export the saved encoder to ONNX, check it against torch, time both, write the metrics
-    (parity and the file: numbers that describe the model) and the report (the exporter, the
-    timings and the threads they ran on: they change from run to run). Returns both in one
-    mapping.
+@dataclass(frozen=True)
+class Exported:
+    """What :func:`export_encoder` gives: the checked ONNX file's bytes, its metrics (parity and
+    the file: numbers that describe the model) and its report (the exporter, the timings and the
+    threads they ran on: they change from run to run)."""
 
-    Raises :class:`~contrastive.config.ConfigError` for missing or mismatched inputs (before any
-    work) and :class:`ExportCheckError` when onnxruntime disagrees with torch; in both cases
-    none of ``onnx_path``, ``metrics_path`` and ``report_path`` is touched.
+    model_bytes: bytes
+    metrics: dict[str, Any]
+    report: dict[str, Any]
+
+
+def export_encoder(encoder: nn.Module, info: EncoderInfo, probe: LinearProbe,
+                   images: np.ndarray, cfg: ExportConfig) -> Exported:
+    """Export ``encoder`` (with its preprocessing) to ONNX, check it against torch on
+    ``images`` (the test split) and time both.
+
+    The exporter writes into a temporary folder, removed at the end; the caller writes the bytes.
+    Raises :class:`ExportCheckError` when onnxruntime disagrees with torch.
     """
-    for path in (encoder_path, probe_path):
-        if not Path(path).is_file():
-            raise ConfigError(f"{path}: not found; run the pretrain and probe stages first")
-    encoder, info = load_encoder(encoder_path)
-    probe = load_probe(probe_path)
-    images, _ = load_split(prepared_dir, "test")
-    _check_inputs(info, probe, images, probe_path, prepared_dir)
     model = EmbeddingModel(encoder, info).eval()
-
-    with atomic_path(onnx_path) as tmp:
+    with tempfile.TemporaryDirectory(prefix="contrastive-export-") as folder:
+        path = Path(folder) / "encoder.onnx"
         start = time.perf_counter()
-        exporter, fallback_reason = _export_onnx(model, info.image_size, tmp, cfg.opset)
+        exporter, fallback_reason = _export_onnx(model, info.image_size, path, cfg.opset)
         export_seconds = time.perf_counter() - start
-        _add_metadata(tmp, info)
-        onnx.checker.check_model(str(tmp))
-        session = ort_session(tmp)
+        _add_metadata(path, info)
+        onnx.checker.check_model(str(path))
+        session = ort_session(path)
         parity = check_parity(_torch_embed(model, images), _ort_embed(session, images),
                               probe, cfg.atol)
         latency = _latency_ms(model, session, images, cfg.latency_repeats)
-        onnx_file_bytes = tmp.stat().st_size
-        opset = _default_opset(tmp)
+        model_bytes = path.read_bytes()
+        opset = _default_opset(path)
 
     metrics: dict[str, Any] = {
         **parity,
         "n_test": len(images),
-        "onnx_file_bytes": onnx_file_bytes,
+        "onnx_file_bytes": len(model_bytes),
         "opset": opset,
     }
     report: dict[str, Any] = {
@@ -109,15 +103,11 @@ def export_encoder(
     }
     if fallback_reason:
         report["dynamo_error"] = fallback_reason
-    report_path = report_path or paths.companion(metrics_path, paths.EXPORT_METRICS,
-                                                 paths.EXPORT_REPORT, ".report.json")
-    write_json(report_path, report)
-    write_json(metrics_path, metrics)
-    return {**metrics, **report}
+    return Exported(model_bytes, metrics, report)
 
 
-def _check_inputs(info: EncoderInfo, probe: LinearProbe, images: np.ndarray,
-                  probe_path: str | Path, prepared_dir: str | Path) -> None:
+def check_inputs(info: EncoderInfo, probe: LinearProbe, images: np.ndarray,
+                 probe_path: str | Path, prepared_dir: str | Path) -> None:
     """Stop before any work when the encoder, probe and test images do not fit together."""
     if probe.linear.in_features != info.embedding_dim:
         raise ConfigError(f"{probe_path}: probe expects {probe.linear.in_features} features, "

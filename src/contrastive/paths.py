@@ -4,14 +4,14 @@
 ``dvc exp show`` compare); the facts of a run that are not such numbers (timings, the device, the
 method's name, text) go to ``reports/*.json``, plain outputs that DVC does not compare.
 
-``dvc.yaml`` declares the same paths (a test checks that the two agree), and the CLI, the Prefect
-flow, the register stage and the tests all take them from here.
+``dvc.yaml`` declares the same paths (a test checks that the two agree); the stages reach them
+through :class:`contrastive.layout.Layout`, under the project folder or a test's own.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
+RAW = "data/raw"
+"""Where cifar10 and stl10 are downloaded when ``data.path`` is not set."""
 PREPARED = "data/prepared"
 MANIFEST = f"{PREPARED}/manifest.json"
 
@@ -36,13 +36,3 @@ EXPORT_REPORT = "reports/export.json"
 
 REGISTRY_REPORT = "reports/registry.json"
 
-
-def companion(given: str | Path, default: str, companion_of_default: str, suffix: str) -> str:
-    """Where a stage writes an output that follows from another one: the standard path
-    ``companion_of_default`` when ``given`` is the standard ``default``, else beside ``given``
-    (its stem + ``suffix``), so that a bench or test writing to a temporary folder never writes
-    into the project."""
-    if str(given) == default:
-        return companion_of_default
-    given = Path(given)
-    return str(given.with_name(given.stem + suffix))

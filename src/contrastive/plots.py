@@ -13,6 +13,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from contrastive.files import atomic_path
 
 
@@ -77,4 +80,78 @@ def _save(fig: Any, path: str | Path) -> None:
     plt = _pyplot()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def plot_embedding(
+    path: str | Path,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    classes: list[str],
+    seed: int,
+    tsne_points: int = 1000,
+) -> dict[str, np.ndarray]:
+    """PCA and t-SNE maps of the test embeddings, coloured by class, side by side.
+
+    PCA maps every embedding; t-SNE, which costs seconds per thousand points where PCA costs
+    milliseconds, maps at most ``tsne_points`` of them, drawn with ``seed`` (0: no t-SNE map).
+    Returns each map's 2-d coordinates.
+    """
+    import torch.nn.functional as F
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    plt = _pyplot()
+    x, y = F.normalize(features, dim=1).numpy(), labels.numpy()
+    maps = {"PCA": (PCA(n_components=2, random_state=seed).fit_transform(x), y)}
+    keep = np.arange(len(x))
+    if len(x) > tsne_points:
+        keep = np.sort(np.random.default_rng(seed).choice(len(x), tsne_points, replace=False))
+    if len(keep) > 5:
+        perplexity = min(30.0, (len(keep) - 1) / 3)
+        tsne = TSNE(2, perplexity=perplexity, init="pca", random_state=seed)
+        maps["t-SNE"] = (tsne.fit_transform(x[keep]), y[keep])
+    fig, axes = plt.subplots(1, len(maps), figsize=(6 * len(maps), 5.5), squeeze=False)
+    scatters = []
+    for ax, (name, (xy, colour)) in zip(axes[0], maps.items(), strict=True):
+        # One colour scale for both maps, even when the t-SNE subsample lacks a class.
+        scatters.append(
+            ax.scatter(xy[:, 0], xy[:, 1], c=colour, cmap="tab10", vmin=0, vmax=len(classes) - 1,
+                       s=8, alpha=0.8)
+        )
+        shown = f"{len(xy)} of {len(x)}" if len(xy) < len(x) else f"{len(x)}"
+        ax.set_title(f"{name} of test embeddings ({shown} images)")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles = scatters[0].legend_elements(num=None)[0]  # PCA: one per class present
+    names = [classes[k] for k in np.unique(y)]
+    fig.legend(handles, names, loc="center right", title="class", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.92, 1))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return {name: xy for name, (xy, _) in maps.items()}
+
+
+def plot_anomaly_histograms(
+    path: str | Path, panels: dict[str, tuple[dict[int, tuple[np.ndarray, np.ndarray]], float]]
+) -> None:
+    """One histogram panel per feature set: the scores of normal and of anomalous test images,
+    pooled over the leave-one-class-out rounds, with the mean AUROC in the title."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (name, (rounds, auroc)) in zip(axes[0], panels.items(), strict=True):
+        normal = np.concatenate([n for n, _ in rounds.values()]) if rounds else np.zeros(0)
+        anomalous = np.concatenate([a for _, a in rounds.values()]) if rounds else np.zeros(0)
+        both = np.concatenate([normal, anomalous])
+        bins = np.linspace(both.min(), both.max(), 41) if len(both) else 40
+        ax.hist(normal, bins=bins, density=True, alpha=0.6, label="normal (other classes)")
+        ax.hist(anomalous, bins=bins, density=True, alpha=0.6, label="anomalous (held-out class)")
+        ax.set_title(f"{name}: mean AUROC {auroc:.3f}")
+        ax.set_xlabel("deep-kNN score (mean cosine distance)")
+    axes[0][0].set_ylabel("density")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
     plt.close(fig)

@@ -40,7 +40,6 @@ from typing import Any
 
 from contrastive import paths
 from contrastive.config import ConfigError, Params
-from contrastive.files import write_json
 from contrastive.store import (
     TrackingError,
     check_artifact_store,
@@ -55,7 +54,6 @@ from contrastive.store import (
 from contrastive.tracking import STATE_TAG, RunRecord, Snapshot, find_or_log_run, read_snapshot
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
-REPORT = paths.REGISTRY_REPORT
 AUDIT = "audit."  # registered-model tags audit.000001, audit.000002, ...: the manual decisions
 PREPARED = paths.PREPARED
 TOLERANCE = 1e-9  # a gain equal to min_improvement passes despite float rounding
@@ -323,12 +321,13 @@ def rescore_version(name: str, version: str, params: Params,
 # --- the register stage -------------------------------------------------------------------------
 
 
-def register_stage(params: Params, root: str | Path = ".") -> dict[str, Any]:
-    """Log this pipeline state as one MLflow run, register it, run the gate, write the report.
+def register(params: Params, root: str | Path = ".") -> dict[str, Any]:
+    """Log the pipeline state of the project at ``root`` as one MLflow run, register it, run the
+    gate; the report of what happened (the ``register`` stage writes it).
 
     Raises :class:`ConfigError` when an upstream output is missing and
-    :class:`~contrastive.store.TrackingError` when the store fails; then the earlier report stays
-    as it was, nothing else is touched, and a rerun completes the registration without duplicates.
+    :class:`~contrastive.store.TrackingError` when the store fails; then nothing is touched, and
+    a rerun completes the registration without duplicates.
     """
     root = Path(root)
     snapshot = read_snapshot(params, root)
@@ -363,7 +362,6 @@ def register_stage(params: Params, root: str | Path = ".") -> dict[str, Any]:
         "new_version": new_version,
         "tracking_uri": display_uri(uri, root),
     }
-    write_json(root / REPORT, report)
     return report
 
 

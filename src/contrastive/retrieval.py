@@ -131,33 +131,3 @@ def anomaly_metrics(
     per_class = {classes[c]: value for c, value in aurocs.items()}
     mean = float(np.mean(list(aurocs.values()))) if aurocs else float("nan")
     return {"anomaly_auroc": mean, "anomaly_auroc_per_class": per_class}, scores
-
-
-def plot_anomaly_histograms(
-    path: str, panels: dict[str, tuple[dict[int, tuple[np.ndarray, np.ndarray]], float]]
-) -> None:
-    """One histogram panel per feature set: the scores of normal and of anomalous test images,
-    pooled over the leave-one-class-out rounds, with the mean AUROC in the title."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from contrastive.files import atomic_path
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (name, (rounds, auroc)) in zip(axes[0], panels.items(), strict=True):
-        normal = np.concatenate([n for n, _ in rounds.values()]) if rounds else np.zeros(0)
-        anomalous = np.concatenate([a for _, a in rounds.values()]) if rounds else np.zeros(0)
-        both = np.concatenate([normal, anomalous])
-        bins = np.linspace(both.min(), both.max(), 41) if len(both) else 40
-        ax.hist(normal, bins=bins, density=True, alpha=0.6, label="normal (other classes)")
-        ax.hist(anomalous, bins=bins, density=True, alpha=0.6, label="anomalous (held-out class)")
-        ax.set_title(f"{name}: mean AUROC {auroc:.3f}")
-        ax.set_xlabel("deep-kNN score (mean cosine distance)")
-    axes[0][0].set_ylabel("density")
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)

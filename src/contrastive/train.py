@@ -1,9 +1,11 @@
-"""Pretraining: a short loop over a contrastive method, and the stage that sets it up.
+"""Pretraining: a short loop over a contrastive method, and the run around it.
 
 :func:`fit` knows no method and no tracker: it draws batches, asks the method for a loss, steps
 the optimiser and calls the callbacks (progress, kNN monitor, checkpoints, tracking).
-:func:`pretrain` is the ``pretrain`` stage: it checks everything before any work, builds the
-method, resumes from the checkpoint of the same params, runs :func:`fit` and writes the outputs.
+:func:`pretrain` builds the method, resumes from the checkpoint of the same params, runs
+:func:`fit` and returns what it trained and measured; it writes no file itself (the checkpointer
+and the tracker are callbacks; the ``pretrain`` stage, :mod:`contrastive.stages.pretrain`, writes
+the outputs).
 
 Under ``torchrun`` the same code runs in every process (:mod:`contrastive.distributed`): each
 trains on its share of every global batch, the method's loss sees the global batch, DDP averages
@@ -13,10 +15,8 @@ the gradients, and rank 0 alone writes checkpoints, outputs and tracking and sho
 from __future__ import annotations
 
 import contextlib
-import csv
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from contrastive import distributed, paths
+from contrastive import distributed
 from contrastive.augment import SimCLRViews
 from contrastive.batches import InMemoryBatches, StreamingBatches
 from contrastive.callbacks import (
@@ -39,16 +39,13 @@ from contrastive.callbacks import (
     TrainingDivergedError,
     TrainState,
 )
-from contrastive.config import ConfigError, Params, StageFailed, params_hash
+from contrastive.config import ConfigError, Params, params_hash
 from contrastive.data import MappedArray, load_manifest, load_split, map_split
-from contrastive.distributed import SINGLE, World
-from contrastive.evaluate import resolve_knn_k
-from contrastive.files import atomic_path, write_json
+from contrastive.features import resolve_knn_k
 from contrastive.methods import build
-from contrastive.models import EncoderInfo, build_encoder, save_encoder
+from contrastive.models import EncoderInfo, build_encoder
 from contrastive.optim import build_optimizer, lr_at, scaled_lr
-from contrastive.plots import plot_training
-from contrastive.runtime import resolve_device, resolve_precision, seed_everything
+from contrastive.runtime import Runtime, resolve_device, seed_everything
 
 __all__ = ["TrainingDivergedError", "fit", "pretrain"]
 
@@ -138,7 +135,7 @@ def fit(
         call("on_train_end")
 
 
-def run_key(params: Params, data_hash: str, device: torch.device, world_size: int = 1) -> str:
+def run_key(params: Params, data_hash: str, runtime: Runtime) -> str:
     """What a checkpoint must match to be resumed: every param that changes the training.
 
     ``precision: auto`` means bf16 on one machine and fp32 on another, so the resolved
@@ -147,14 +144,13 @@ def run_key(params: Params, data_hash: str, device: torch.device, world_size: in
     only say how to launch, and ``train.streaming`` and ``train.loader_workers`` where the images
     are read from (the batches are the same).
     """
-    bf16, channels_last = resolve_precision(params.train, device)
     train_cfg = params.train.model_dump(
         mode="json", exclude={"devices", "backend", "streaming", "loader_workers"}
     )
     run = {"seed": params.seed, "data": data_hash,
-           "resolved": {"bf16": bf16, "channels_last": channels_last}}
-    if world_size > 1:
-        run["world_size"] = world_size
+           "resolved": {"bf16": runtime.bf16, "channels_last": runtime.channels_last}}
+    if runtime.world.world_size > 1:
+        run["world_size"] = runtime.world.world_size
     return params_hash(params.model, params.augment, train_cfg, run)
 
 
@@ -192,15 +188,6 @@ def check_pretrain(
             f"model.patch_size: {params.model.patch_size} does not divide data.image_size "
             f"({size}); use a divisor of {size}"
         )
-
-
-def check_launch(params: Params, processes: int) -> bool:
-    """Every check :func:`pretrain` makes, for ``processes`` processes about to be launched, so
-    that bad input stops the command before any process starts; whether they train on CUDA."""
-    manifest = load_manifest(paths.PREPARED)
-    _, labels = map_split(paths.PREPARED, "train")  # the images may not fit in memory
-    check_pretrain(params, manifest, labels, processes)
-    return resolve_device(params.device).type == "cuda"
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -279,14 +266,13 @@ def should_stream(setting: str, nbytes: int, device: torch.device) -> bool:
 
 
 def build_run(
-    params: Params, data: TrainingData, device: torch.device, world: World = SINGLE
+    params: Params, data: TrainingData, runtime: Runtime
 ) -> tuple[TrainState, InMemoryBatches | StreamingBatches]:
     """The method around a freshly initialised encoder (seeded), its optimiser and its batches
     (this process's share of them, under several processes): held on the device, or streamed
     from the file when ``train.streaming`` says so (:func:`should_stream`)."""
     cfg, manifest = params.train, data.manifest
-    _, channels_last = resolve_precision(cfg, device)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    device, world, memory_format = runtime.device, runtime.world, runtime.memory_format
     seed_everything(params.seed)
     encoder = build_encoder(params.model, manifest["image_size"])
     train_x, train_y = data.train
@@ -317,13 +303,13 @@ def build_run(
         batches = StreamingBatches(data.train_source, workers=cfg.loader_workers, **common)
     else:  # copy the mapped file into memory (then onto the device): the fast default
         batches = InMemoryBatches(torch.from_numpy(train_x).to(device, copy=True), **common)
-    key = run_key(params, manifest["data_hash"], device, world.world_size)
+    key = run_key(params, manifest["data_hash"], runtime)
     state = TrainState(method, optimizer, cfg.epochs, batches.steps_per_epoch, cfg.batch_size, key)
     return state, batches
 
 
 def summarize(
-    state: TrainState, params: Params, data: TrainingData, device: torch.device,
+    state: TrainState, params: Params, data: TrainingData, runtime: Runtime,
     streamed: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The stage's metrics and its report, from the finished run's history, with the collapse
@@ -335,7 +321,6 @@ def summarize(
     knn = [r["knn_top1"] for r in history if "knn_top1" in r]
     spread = history[-1].get("embedding_spread", 1.0)
     collapsed = collapse_reason(spread, knn[-1] if knn else None, data.val[1])
-    bf16, _ = resolve_precision(params.train, device)
     metrics = {
         "final_loss": history[-1]["loss"],
         "knn_val_top1": knn[-1] if knn else None,
@@ -348,8 +333,8 @@ def summarize(
     report = {
         "method": params.train.method,
         "images_per_s": round(sum(r["images_per_s"] for r in history) / len(history), 1),
-        "device": device.type,
-        "precision": "bf16" if bf16 else "fp32",
+        "device": runtime.device.type,
+        "precision": runtime.precision,
         "streaming": streamed,
         "knn_k": resolve_knn_k(params.probe.knn_k, data.train[1]) if knn else None,
         "seconds": {name: round(value, 3) for name, value in sorted(state.seconds.items())},
@@ -359,115 +344,50 @@ def summarize(
     return metrics, report
 
 
+@dataclass(frozen=True)
+class Trained:
+    """What :func:`pretrain` returns: the final state (the method, its encoder, the per-epoch
+    history), the metrics and the report of :func:`summarize` (empty when the run stopped early
+    or on processes other than rank 0) and the description saved with the encoder."""
+
+    state: TrainState
+    metrics: dict[str, Any]
+    report: dict[str, Any]
+    info: EncoderInfo
+
+
 def pretrain(
     params: Params,
-    prepared_dir: str | Path = paths.PREPARED,
-    encoder_path: str | Path = paths.ENCODER,
-    checkpoint_dir: str | Path = paths.CHECKPOINTS,
-    metrics_path: str | Path = paths.PRETRAIN_METRICS,
-    history_path: str | Path = paths.PRETRAIN_HISTORY,
-    knn_path: str | Path = paths.KNN_HISTORY,
-    report_path: str | Path | None = None,
-    plot_path: str | Path | None = None,
+    data: TrainingData,
+    runtime: Runtime,
+    checkpointer: Checkpointer,
     callbacks: Sequence[Callback] = (),
     stop_after_epoch: int | None = None,
-) -> dict[str, Any]:
-    """The ``pretrain`` stage: train the method of ``params.train`` and write the encoder, the
-    metrics, the report, the per-epoch history and its plot. Outputs are written only at the end,
-    each atomically: a failed or killed run leaves the previous ones in place. Returns the metrics
-    and the report in one mapping.
+) -> Trained:
+    """Train the method of ``params.train`` on ``data`` from the checkpoint of the same run, if
+    ``checkpointer`` holds one, to ``train.epochs`` (or ``stop_after_epoch``, as a kill would).
 
-    ``report_path`` and ``plot_path`` default to the project's when ``metrics_path`` and
-    ``history_path`` are, else to files beside them (:func:`paths.companion`).
-    ``callbacks`` run after the stage's own (kNN monitor, progress, checkpoint), on rank 0 only.
-    ``stop_after_epoch`` ends the run after that epoch's checkpoint, as a kill would.
-
-    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this; rank 0 alone writes and
-    returns the metrics, the others return ``{}``.
+    Rank 0 monitors the kNN, shows progress and checkpoints; ``callbacks`` run after those, on
+    rank 0 only. The process group, if any, is ``runtime``'s and stays open.
     """
-    data = TrainingData.load(prepared_dir)
-    check_pretrain(params, data.manifest, data.train[1], distributed.env_world_size())
-    world, device = distributed.init(params, resolve_device(params.device))
-    try:
-        return _pretrain(
-            params, data, world, device, encoder_path, checkpoint_dir, metrics_path,
-            history_path, knn_path, report_path, plot_path, callbacks, stop_after_epoch,
-        )
-    except (ConfigError, StageFailed):
-        raise
-    except Exception as exc:
-        if not world.distributed:
-            raise
-        raise RankFailed(f"rank {world.rank}: {type(exc).__name__}: {_first_line(exc)}") from exc
-    finally:
-        distributed.cleanup()
-
-
-class RankFailed(StageFailed):
-    """A process of a distributed run failed alone (the others stop with it); the last good
-    checkpoint is kept. The CLI prints it on whichever rank raised it."""
-
-    rank_specific = True
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else ""
-
-
-def _pretrain(
-    params: Params,
-    data: TrainingData,
-    world: World,
-    device: torch.device,
-    encoder_path: str | Path,
-    checkpoint_dir: str | Path,
-    metrics_path: str | Path,
-    history_path: str | Path,
-    knn_path: str | Path,
-    report_path: str | Path | None,
-    plot_path: str | Path | None,
-    callbacks: Sequence[Callback],
-    stop_after_epoch: int | None,
-) -> dict[str, Any]:
-    """:func:`pretrain` once the process group (if any) is open."""
-    state, batches = build_run(params, data, device, world)
-    checkpointer = Checkpointer(checkpoint_dir)
-    checkpointer.resume(state, device, announce=world.is_main)
-    manifest, probe = data.manifest, params.probe
-    bf16, channels_last = resolve_precision(params.train, device)
+    state, batches = build_run(params, data, runtime)
+    world, manifest, probe = runtime.world, data.manifest, params.probe
+    checkpointer.resume(state, runtime.device, announce=world.is_main)
     own: list[Callback] = []
     if world.is_main:  # rank 0 alone monitors, shows progress, writes and tracks
         monitor = KnnMonitor(
             params.train.knn_every, data.train, data.val, manifest["mean"], manifest["std"],
-            device, manifest["num_classes"], resolve_knn_k(probe.knn_k, data.train[1]),
-            probe.knn_temperature, probe.batch_size, bf16,
-            torch.channels_last if channels_last else torch.contiguous_format,
+            runtime, manifest["num_classes"], resolve_knn_k(probe.knn_k, data.train[1]),
+            probe.knn_temperature, probe.batch_size,
         )
         own += [monitor, ProgressBar(), checkpointer]
     if stop_after_epoch is not None:
         own.append(StopAfter(stop_after_epoch))
     if world.is_main:
         own += callbacks
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else None
-    model = distributed.wrap(state.method, world, device)
-    fit(state, batches, scaled_lr(params.train), params.train.warmup_epochs, own, autocast,
-        model)
-    if state.epoch < params.train.epochs:
-        return {"stopped_after_epoch": state.epoch}
-    if not world.is_main:
-        return {}
-
-    metrics, report = summarize(
-        state, params, data, device, isinstance(batches, StreamingBatches)
-    )
-    if metrics["collapsed"]:
-        print(
-            f"contrastive pretrain: WARNING: the representation collapsed: "
-            f"{report['collapse_reason']}. The register stage will refuse this model; lower "
-            "train.lr or change the method",
-            file=sys.stderr,
-        )
+    model = distributed.wrap(state.method, world, runtime.device)
+    fit(state, batches, scaled_lr(params.train), params.train.warmup_epochs, own,
+        runtime.autocast(), model)
     encoder = state.method.encoder
     info = EncoderInfo(
         model=params.model.model_dump(mode="json"),
@@ -478,22 +398,9 @@ def _pretrain(
         classes=manifest["classes"],
         params_hash=state.run_key,
     )
-    save_encoder(encoder_path, encoder.to(memory_format=torch.contiguous_format), info)
-    extra = ["temperature"] if "temperature" in state.history[-1] else []
-    _write_csv(history_path, state.history, ["epoch", "loss", "lr", "images_per_s", *extra])
-    _write_csv(knn_path, [r for r in state.history if "knn_top1" in r], ["epoch", "knn_top1"])
-    report_path = report_path or paths.companion(metrics_path, paths.PRETRAIN_METRICS,
-                                                 paths.PRETRAIN_REPORT, ".report.json")
-    plot_path = plot_path or paths.companion(history_path, paths.PRETRAIN_HISTORY,
-                                             paths.TRAINING_PLOT, ".png")
-    plot_training(history_path, knn_path, plot_path)
-    write_json(report_path, report)
-    write_json(metrics_path, metrics)
-    return {**metrics, **report}
-
-
-def _write_csv(path: str | Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    if state.epoch < params.train.epochs or not world.is_main:
+        return Trained(state, {}, {}, info)
+    metrics, report = summarize(
+        state, params, data, runtime, isinstance(batches, StreamingBatches)
+    )
+    return Trained(state, metrics, report, info)
