@@ -65,8 +65,9 @@ def score(encoder: torch.nn.Module, prepared: Path, raw: dict) -> dict[str, floa
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--vit", choices=METHODS, default=None,
+    image_only = [m for m in METHODS if m != "clip"]  # clip: bench/clip.py
+    p.add_argument("--methods", nargs="+", default=image_only, choices=image_only)
+    p.add_argument("--vit", choices=image_only, default=None,
                    help="also train vit_tiny (patch 4) with this method")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--seed", type=int, default=0, help="drives weights, order and views (0)")

@@ -16,7 +16,8 @@ STAGES = sorted((CONTRASTIVE / "stages").glob("*.py"))
 ENTRY = [CONTRASTIVE / "cli.py"]
 LIBRARY = sorted(f for f in CONTRASTIVE.rglob("*.py")
                  if f not in STAGES and f not in ENTRY)
-COMPUTE = [CONTRASTIVE / f"{name}.py" for name in ("train", "evaluate", "export", "features")]
+COMPUTE = [CONTRASTIVE / f"{name}.py"
+           for name in ("train", "evaluate", "export", "features", "crossmodal")]
 COMPUTE += sorted((CONTRASTIVE / "methods").glob("*.py"))
 """Modules that compute and return: they leave writing to the stages and the callbacks."""
 

@@ -24,8 +24,10 @@ import torch.multiprocessing as mp
 from contrastive import distributed
 from contrastive.cli import main
 from contrastive.config import METHODS, Params, parse_params
-from contrastive.methods import build
+from contrastive.methods import MethodInputs, build
+from contrastive.methods.clip import CaptionTable
 from contrastive.models import build_encoder
+from contrastive.text import train_tokenizer
 from tests.conftest import ROOT, TINY, write_params
 
 WORLD = 2
@@ -44,7 +46,9 @@ CASES: dict[str, dict[str, Any]] = {
     "triplet_supervised": {"method": "triplet", "triplet": {"supervised": True}},
     "margin_pair": {"method": "margin_pair", "margin_pair": {"negatives_per_positive": 2}},
     "supcon": {"method": "supcon"},
+    "clip": {"method": "clip"},
 }
+CLIP_MODEL = {"text_encoder": "gru", "text": {"width": 8, "layers": 1, "context_length": 12}}
 
 GRAD_ATOL = 1e-5
 """The issue's bound. Gradients here are up to about 4 in size; the processes add the same terms
@@ -61,7 +65,18 @@ a loss counted twice, BatchNorm over half the batch) is off by 1e-3 or more afte
 def case_params(case: str) -> Params:
     train_section = {"epochs": 2, "warmup_epochs": 0, "batch_size": BATCH, "sync_bn": True,
                      **CASES[case]}
-    return parse_params({**TINY, "train": train_section})
+    model = TINY["model"] | (CLIP_MODEL if case == "clip" else {})
+    return parse_params({**TINY, "model": model, "train": train_section})
+
+
+def method_inputs(params: Params) -> MethodInputs:
+    """clip: two captions for each of the BATCH images (the batches carry image indices)."""
+    if params.train.method != "clip":
+        return MethodInputs()
+    captions = [[f"a photo of a {k}.", f"a blurry photo of the {k}."] for k in range(BATCH)]
+    tok = train_tokenizer([c for own in captions for c in own], 300)
+    return MethodInputs(captions=CaptionTable.build(captions, tok,
+                                                    params.model.text.context_length))
 
 
 DATA_SEED = {"moco_symmetric": 200}
@@ -87,7 +102,7 @@ def train_steps(case: str, world: distributed.World) -> dict[str, Any]:
     share of every global batch (all of it in one process)."""
     params = case_params(case)
     torch.manual_seed(0)
-    method = build(build_encoder(params.model, SIZE), params)
+    method = build(build_encoder(params.model, SIZE), params, method_inputs(params))
     if world.distributed:
         distributed.convert_sync_batchnorm(method)
     model = distributed.wrap(method, world, torch.device("cpu"))
@@ -97,6 +112,8 @@ def train_steps(case: str, world: distributed.World) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for step in range(STEPS):
         view_a, view_b, labels = global_batch(step, DATA_SEED.get(case, 100))
+        if method.batch_targets == "index":
+            labels = torch.arange(BATCH)
         loss = model(view_a[share], view_b[share], labels[share])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

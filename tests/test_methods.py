@@ -16,13 +16,16 @@ from tests.conftest import write_params
 
 # Small enough for seconds per run; moco's queue (384) is not full after the first epoch.
 METHOD_PARAMS = {"moco": {"queue_size": 384}}
+# clip: the digits with templated captions, a small GRU text tower
+CLIP = {"data": {"source": "pairs", "vocab_size": 300},
+        "model": {"text_encoder": "gru", "text": {"width": 16, "layers": 1}}}
 
 
 def method_overrides(method: str) -> dict:
     train_section: dict = {"method": method}
     if method in METHOD_PARAMS:
         train_section[method] = METHOD_PARAMS[method]
-    return {"train": train_section}
+    return {"train": train_section, **(CLIP if method == "clip" else {})}
 
 
 def test_every_configured_method_is_registered() -> None:

@@ -360,7 +360,7 @@ def test_class_weights_weigh_each_anchor_by_its_class(
     torch.testing.assert_close(weights, torch.tensor([100 / 180, 100 / 20]))
     torch.manual_seed(0)
     encoder = build_encoder(params.model, 8)
-    method = methods.build(encoder, params, weights)
+    method = methods.build(encoder, params, methods.MethodInputs(class_weights=weights))
     # derived from the data on every start, so not part of the checkpoint
     assert "class_weights" not in method.state_dict()
     # a batch of four images, one of the rare class

@@ -74,21 +74,41 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Where the images come from and how they are split (stage ``prepare``)."""
 
-    source: Literal["digits", "cifar10", "stl10", "npz", "imagefolder"] = "digits"
+    source: Literal["digits", "cifar10", "stl10", "npz", "imagefolder", "pairs"] = "digits"
     path: str | None = None
+    """``npz``/``imagefolder``: the images; ``pairs``: a caption file (``.csv``, ``.tsv``,
+    ``.jsonl``: an image path and a caption per row), or an ``.npz`` whose images get captions
+    from their class names by CLIP's prompt templates (unset: the digits, captioned so)."""
     test_path: str | None = None
     download: StrictBool = False
     image_size: Annotated[Int, Field(ge=8, le=512)] = 16
     val_fraction: Annotated[Float, Field(gt=0, lt=0.5)] = 0.1
     test_fraction: Annotated[Float, Field(gt=0, lt=0.5)] = 0.2
+    vocab_size: Annotated[Int, Field(ge=260, le=262_144)] = 1000
+    """``pairs``: the most tokens of the byte-level BPE vocabulary that ``prepare`` learns from
+    the training captions (the 256 bytes, 4 special tokens, and merges up to this size)."""
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
         if self.source in ("npz", "imagefolder") and not self.path:
             raise ValueError(f"data.path is required when data.source is '{self.source}'")
-        if self.test_path and self.source != "npz":
-            raise ValueError("data.test_path is only used with data.source 'npz'")
+        if self.test_path and self.source not in ("npz", "pairs"):
+            raise ValueError("data.test_path is only used with data.source 'npz' (or 'pairs' "
+                             "with an .npz)")
         return self
+
+
+class TextConfig(_Section):
+    """The text tower of ``train.method: clip`` (``contrastive.text_models``); which one is
+    ``model.text_encoder``."""
+
+    context_length: Annotated[Int, Field(ge=2, le=1024)] = 32
+    """Tokens per caption with ``[SOS]`` and ``[EOS]``; longer captions are cut before ``[EOS]``."""
+    width: Annotated[Int, Field(ge=4, le=4096)] = 128
+    """Features per token inside the encoder (the GRU's hidden size per direction)."""
+    layers: Annotated[Int, Field(ge=1, le=48)] = 2
+    heads: Annotated[Int, Field(ge=1)] = 4
+    """``transformer`` only: attention heads; must divide ``width``."""
 
 
 class ModelConfig(_Section):
@@ -103,6 +123,20 @@ class ModelConfig(_Section):
     """``vit_tiny`` only: side of the square patches; must divide ``data.image_size``."""
     projection_hidden_dim: Annotated[Int, Field(ge=8)] = 256
     projection_dim: Annotated[Int, Field(ge=2)] = 64
+    """The embedding the loss compares; for ``clip``, the space images and captions share."""
+    text_encoder: Literal["none", "transformer", "gru"] = "none"
+    """``clip`` only: the text tower, CLIP's causal transformer or a bidirectional GRU."""
+    text: TextConfig = TextConfig()
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        text = self.text
+        if self.text_encoder == "transformer" and text.width % text.heads:
+            raise ValueError(
+                f"model.text.heads: {text.heads} does not divide model.text.width "
+                f"({text.width}); use a divisor of {text.width}"
+            )
+        return self
 
 
 class AugmentConfig(_Section):
@@ -165,8 +199,8 @@ class MarginPairConfig(_Section):
     """``true``: positives are images of the same class; ``false``: two views of one image."""
 
 
-METHODS = ("simclr", "moco", "triplet", "margin_pair", "supcon")
-TEMPERATURE_METHODS = ("simclr", "moco", "supcon")
+METHODS = ("simclr", "moco", "triplet", "margin_pair", "supcon", "clip")
+TEMPERATURE_METHODS = ("simclr", "moco", "supcon", "clip")
 """The InfoNCE family: the methods that use ``train.temperature``."""
 
 
@@ -177,7 +211,7 @@ class TrainConfig(_Section):
     (``train.moco.queue_size``) and are read only when that method is chosen.
     """
 
-    method: Literal["simclr", "moco", "triplet", "margin_pair", "supcon"] = "simclr"
+    method: Literal["simclr", "moco", "triplet", "margin_pair", "supcon", "clip"] = "simclr"
     epochs: Annotated[Int, Field(ge=1, le=10_000)] = 60
     batch_size: Annotated[Int, Field(ge=2)] = 256
     optimizer: Literal["sgd", "adamw", "lars"] = "sgd"
@@ -337,6 +371,17 @@ class Params(_Section):
     export: ExportConfig = ExportConfig()
     registry: RegistryConfig = RegistryConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+
+    @model_validator(mode="after")
+    def _text_for_clip(self) -> Params:
+        text_encoder, method = self.model.text_encoder, self.train.method
+        if method == "clip" and text_encoder == "none":
+            raise ValueError("model.text_encoder: 'none', but train.method 'clip' pairs images "
+                             "with captions; use transformer or gru")
+        if method != "clip" and text_encoder != "none":
+            raise ValueError(f"model.text_encoder: '{text_encoder}', but train.method "
+                             f"'{method}' learns from images alone; use none, or method clip")
+        return self
 
 
 def _method_sections_with(name: str) -> list[str]:

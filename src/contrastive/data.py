@@ -1,12 +1,14 @@
 """The ``prepare`` stage: load a source, clean it, split it, write the prepared format.
 
-Every source (``digits``, ``cifar10``, ``stl10``, ``npz``, ``imagefolder``) becomes the same
-thing: images resized to ``image_size`` x ``image_size`` RGB, exact duplicates dropped so that no
-image can land in two splits, and a stratified, seeded train/val/test split in which every class
-appears in every split. The output directory holds::
+Every source (``digits``, ``cifar10``, ``stl10``, ``npz``, ``imagefolder``, ``pairs``) becomes the
+same thing: images resized to ``image_size`` x ``image_size`` RGB, exact duplicates dropped so
+that no image can land in two splits, and a stratified, seeded train/val/test split in which every
+class appears in every split. The output directory holds::
 
     train.npz, val.npz, test.npz   x uint8 (N, H, W, 3), y int64 (N,)
     manifest.json                  classes, counts, train mean/std, content hashes, what was dropped
+    captions.json, tokenizer.json  ``pairs`` only: each image's captions per split, and the BPE
+                                   tokenizer learned from the training captions
 
 Outputs are deterministic (no timestamps, uncompressed ``np.savez``), so the same params give
 byte-identical files and ``data_hash`` identifies the prepared data downstream. The directory is
@@ -28,12 +30,18 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
+from tokenizers import Tokenizer
 
 from contrastive import paths
 from contrastive.config import ConfigError, DataConfig
 from contrastive.files import atomic_path, write_json
+from contrastive.text import load_tokenizer, save_tokenizer, train_tokenizer
 
 SPLITS = ("train", "val", "test")
+CAPTIONS = "captions.json"
+"""``pairs``: ``{split: [[caption, ...] per image]}`` in the prepared folder."""
+TOKENIZER = "tokenizer.json"
+"""``pairs``: the BPE tokenizer learned from the training captions, in the prepared folder."""
 
 _NPZ_HELP = "give an .npz file with x uint8 (N,H,W,C) and y int (N,)"
 _FOLDER_HELP = (
@@ -52,6 +60,8 @@ class _Loaded:
     classes: list[str]
     is_test: np.ndarray | None = None  # bool (N,): the source's own test split; None if it has none
     skipped: list[dict[str, str]] = field(default_factory=list)
+    captions: list[list[str]] | None = None  # ``pairs``: each image's captions, cleaned
+    captions_from: str | None = None  # ``pairs``: "file" or "templates"
 
 
 # --- public API ---------------------------------------------------------------------------------
@@ -81,12 +91,50 @@ def prepare(
     arrays = {name: (x[idx], y[idx]) for name, idx in indices.items()}
     manifest = _manifest(cfg, seed, loaded, arrays, duplicates, test_given=is_test is not None)
 
+    split_captions = None
+    if loaded.captions is not None:
+        kept = [loaded.captions[i] for i in keep.tolist()]
+        split_captions = {name: [kept[i] for i in idx.tolist()] for name, idx in indices.items()}
+        manifest["captions"] = _caption_summary(split_captions, loaded.captions_from,
+                                                cfg.vocab_size)
+        identity = manifest["data_hash"] + manifest["captions"]["hash"]
+        manifest["data_hash"] = hashlib.sha256(identity.encode()).hexdigest()
+
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         for name, (split_x, split_y) in arrays.items():
             np.savez(tmp / f"{name}.npz", x=split_x, y=split_y)
+        if split_captions is not None:
+            write_json(tmp / CAPTIONS, split_captions)
+            train_captions = (c for image in split_captions["train"] for c in image)
+            save_tokenizer(train_tokenizer(train_captions, cfg.vocab_size), tmp / TOKENIZER)
         write_json(tmp / "manifest.json", manifest)
     return manifest
+
+
+def load_captions(prepared_dir: str | Path) -> dict[str, list[list[str]]] | None:
+    """Each split's captions, per image in the split's order; None for data without captions."""
+    path = Path(prepared_dir) / CAPTIONS
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_prepared_tokenizer(prepared_dir: str | Path) -> Tokenizer | None:
+    """The tokenizer ``prepare`` learned from the training captions; None without captions."""
+    path = Path(prepared_dir) / TOKENIZER
+    return load_tokenizer(path) if path.is_file() else None
+
+
+def _caption_summary(split_captions: dict[str, list[list[str]]], source: str | None,
+                     vocab_size: int) -> dict[str, Any]:
+    """For the manifest: where the captions come from, how many each split has, the tokenizer's
+    size, and a hash of both (part of ``data_hash``)."""
+    identity = json.dumps({"captions": split_captions, "vocab_size": vocab_size})
+    return {
+        "from": source,
+        "counts": {name: sum(len(c) for c in images) for name, images in split_captions.items()},
+        "vocab_size": vocab_size,
+        "hash": hashlib.sha256(identity.encode()).hexdigest(),
+    }
 
 
 def load_split(prepared_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -412,12 +460,45 @@ def read_image(path: Path, size: int) -> np.ndarray:
     return np.asarray(rgb)
 
 
+def _load_pairs(cfg: DataConfig, raw_dir: Path) -> _Loaded:
+    """Images with captions: a caption file (:func:`contrastive.captions.read_pairs`), or the
+    images of an ``.npz`` (unset: the digits) captioned from their class names by CLIP's prompt
+    templates, a stand-in for real captions that needs no download."""
+    from contrastive import captions
+
+    suffix = Path(cfg.path).suffix.lower() if cfg.path else None
+    if suffix in captions.SUFFIXES:
+        pairs, x = captions.read_pairs(cfg.path, cfg.image_size)
+        if pairs.labels is None:
+            raise ConfigError(
+                f"data.path: {cfg.path}: no 'label' column; the probe stage (linear probe, kNN, "
+                "zero-shot) needs a class per image, so add one"
+            )
+        classes = sorted(set(pairs.labels))
+        y = np.array([classes.index(label) for label in pairs.labels], dtype=np.int64)
+        skipped = [{"reason": reason, "count": str(count)}
+                   for reason, count in sorted(pairs.skipped.items())]
+        return _Loaded(x, y, classes, skipped=skipped, captions=pairs.captions,
+                       captions_from="file")
+    if suffix not in (None, ".npz"):
+        raise ConfigError(
+            f"data.path: {cfg.path}: data.source 'pairs' reads a caption file "
+            f"({', '.join(captions.SUFFIXES)}) or an .npz whose class names become captions"
+        )
+    loaded = _load_npz(cfg, raw_dir) if cfg.path else _load_digits(cfg, raw_dir)
+    per_class = [captions.templated_captions(name) for name in loaded.classes]
+    loaded.captions = [per_class[k] for k in loaded.y.tolist()]
+    loaded.captions_from = "templates"
+    return loaded
+
+
 _LOADERS: dict[str, Callable[[DataConfig, Path], _Loaded]] = {
     "digits": _load_digits,
     "cifar10": _load_torchvision,
     "stl10": _load_torchvision,
     "npz": _load_npz,
     "imagefolder": _load_imagefolder,
+    "pairs": _load_pairs,
 }
 
 

@@ -23,8 +23,9 @@ from tqdm import tqdm
 
 from contrastive import retrieval
 from contrastive.config import ModelConfig, Params
+from contrastive.crossmodal import image_text_metrics
 from contrastive.features import extract_features, knn_scores, resolve_knn_k, topk_accuracy
-from contrastive.models import EncoderInfo, LinearProbe, build_encoder
+from contrastive.models import EncoderInfo, LinearProbe, TextSide, build_encoder, build_text_tower
 
 
 def fit_linear_probe(
@@ -228,10 +229,14 @@ def evaluate_encoder(
     splits: dict[str, tuple[np.ndarray, np.ndarray]],
     classes: list[str],
     device: torch.device,
+    text: TextSide | None = None,
+    test_captions: list[list[str]] | None = None,
 ) -> Evaluation:
     """The pretrained ``encoder`` against a random-init encoder of the same architecture and
     against raw pixels, each with the linear probe, the kNN, retrieval and anomaly detection on
-    the ``train``/``val``/``test`` ``splits``."""
+    the ``train``/``val``/``test`` ``splits``; for an image-text model (its ``text`` side and the
+    test split's captions), zero-shot classification and cross-modal recall too, against a
+    random-init text side."""
     num_classes = len(classes)
     pretrained = _encoder_features(
         encoder, splits, info.mean, info.std, device, params.probe.batch_size, "pretrained"
@@ -251,6 +256,17 @@ def evaluate_encoder(
     pixel_feats = _pixel_features(splits)
     pixel_results, _, _ = evaluate_features(pixel_feats, num_classes, params, "probe raw pixels")
 
+    compared = ["linear_top1", "knn_top1", "map_at_r", "anomaly_auroc"]
+    if text is not None and test_captions is not None:
+        results.update(image_text_metrics(text, pretrained.test, pretrained.y_test, classes,
+                                          test_captions))
+        torch.manual_seed(params.seed)
+        tower = build_text_tower(info, text.kind, text.config, text.tokenizer.get_vocab_size())
+        random_text = TextSide(tower.eval(), text.tokenizer, text.kind, text.config)
+        random_results.update(image_text_metrics(random_text, random_feats.test,
+                                                 random_feats.y_test, classes, test_captions))
+        compared += ["zero_shot_top1", "image_to_text_recall_at_1", "text_to_image_recall_at_1"]
+
     histograms = {}
     for name, feats, found in (("pretrained", pretrained, results),
                                ("random init", random_feats, random_results),
@@ -264,8 +280,7 @@ def evaluate_encoder(
         "random_init": random_results,
         "raw_pixels": pixel_results,
         "gain_over_random": {
-            k: round(results[k] - random_results[k], 6)
-            for k in ("linear_top1", "knn_top1", "map_at_r", "anomaly_auroc")
+            k: round(results[k] - random_results[k], 6) for k in compared
         },
         "knn_k": resolve_knn_k(params.probe.knn_k, pretrained.y_train),
         "anomaly_k": params.probe.anomaly_k,

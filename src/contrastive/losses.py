@@ -146,6 +146,40 @@ class InfoNCELoss(nn.Module):
             return F.cross_entropy(logits, targets)
 
 
+class CLIPLoss(nn.Module):
+    """Symmetric InfoNCE over image-text pairs: the loss of CLIP.
+
+    Radford et al., "Learning Transferable Visual Models From Natural Language Supervision",
+    ICML 2021, Fig. 3 pseudo-code. Image ``u_i`` and text ``v_i`` form pair i; with
+    ``s_ij = u_i . v_j / t`` on L2-normalised vectors, the loss is the mean of the image-to-text
+    and the text-to-image cross entropies,
+
+        1/(2N) sum_i [ -log( exp(s_ii) / sum_j exp(s_ij) ) - log( exp(s_ii) / sum_j exp(s_ji) ) ]
+
+    so each image must pick its own text among the N texts of the batch, and each text its own
+    image among the N images. Under torchrun the caller passes the gathered global batch; the
+    loss knows nothing of processes.
+    """
+
+    def forward(
+        self, image: torch.Tensor, text: torch.Tensor, temperature: torch.Tensor | float
+    ) -> torch.Tensor:
+        """``image``, ``text``: projections ``(N, D)``, row i of each is pair i; ``temperature``:
+        a float or a scalar tensor (possibly learned, see :class:`Temperature`)."""
+        if image.ndim != 2 or image.shape != text.shape or image.shape[0] < 1:
+            raise ValueError(
+                f"expected image and text of one shape (N, D) with N >= 1, got "
+                f"{tuple(image.shape)} and {tuple(text.shape)}"
+            )
+        with torch.autocast(image.device.type, enabled=False):
+            # image, text: (N, D), unit length
+            image, text = (F.normalize(x, dim=1) for x in _float32(image, text))
+            # logits: (N, N) image i against text j over the temperature; positives on the diagonal
+            logits = image @ text.T / temperature
+            targets = torch.arange(len(image), device=image.device)
+            return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
 # --- metric learning and supervised contrast over the 2N views of a batch -------------------------
 #
 # These losses see a batch as 2N views: rows i and i + N are the two views of image i. ``labels``

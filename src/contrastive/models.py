@@ -11,10 +11,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 from torch import nn
 
-from contrastive.config import ModelConfig
+from contrastive.config import ModelConfig, TextConfig
 from contrastive.files import atomic_path
+from contrastive.text_models import TextTower, build_text_encoder
 
 
 class SmallCNN(nn.Module):
@@ -150,11 +152,55 @@ class EncoderInfo:
     extra: dict = field(default_factory=dict)
 
 
-def save_encoder(path: str | Path, encoder: nn.Module, info: EncoderInfo) -> None:
-    """Write ``{"info", "state_dict"}`` atomically and synced (``files.atomic_path``)."""
-    state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+@dataclass(frozen=True)
+class TextSide:
+    """The text half of an image-text (``clip``) model, saved in the encoder's file: the image
+    head and the text encoder (:class:`~contrastive.text_models.TextTower`) and the tokenizer
+    that feeds it, so the file alone embeds images and captions in one space."""
+
+    tower: TextTower
+    tokenizer: Tokenizer
+    kind: str
+    """``model.text_encoder``: transformer or gru."""
+    config: TextConfig
+
+
+def save_encoder(path: str | Path, encoder: nn.Module, info: EncoderInfo,
+                 text: TextSide | None = None) -> None:
+    """Write ``{"info", "state_dict"}`` (and ``"text"`` for an image-text model) atomically and
+    synced (``files.atomic_path``)."""
+    blob: dict = {"info": asdict(info), "state_dict": _cpu_state(encoder)}
+    if text is not None:
+        blob["text"] = {"kind": text.kind, "config": text.config.model_dump(mode="json"),
+                        "vocab_size": text.tokenizer.get_vocab_size(),
+                        "tokenizer": text.tokenizer.to_str(), "state_dict": _cpu_state(text.tower)}
     with atomic_path(path) as tmp:
-        torch.save({"info": asdict(info), "state_dict": state}, tmp)
+        torch.save(blob, tmp)
+
+
+def load_text_side(path: str | Path) -> TextSide | None:
+    """The text half saved with an image-text encoder (in eval mode, on the CPU); None for an
+    encoder of images alone."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if "text" not in blob:
+        return None
+    text, info = blob["text"], EncoderInfo(**blob["info"])
+    config = TextConfig(**text["config"])
+    tower = build_text_tower(info, text["kind"], config, text["vocab_size"])
+    tower.load_state_dict(text["state_dict"])
+    return TextSide(tower.eval(), Tokenizer.from_str(text["tokenizer"]), text["kind"], config)
+
+
+def build_text_tower(info: EncoderInfo, kind: str, config: TextConfig,
+                     vocab_size: int) -> TextTower:
+    """A freshly initialised image head and text encoder for the encoder ``info`` describes."""
+    model = ModelConfig(**info.model)
+    head = ProjectionHead(info.embedding_dim, model.projection_hidden_dim, model.projection_dim)
+    return TextTower(head, build_text_encoder(kind, config, vocab_size, model.projection_dim))
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
 def load_encoder(path: str | Path) -> tuple[nn.Module, EncoderInfo]:

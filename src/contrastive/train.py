@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 from torch import nn
 
 from contrastive import distributed
@@ -40,10 +41,18 @@ from contrastive.callbacks import (
     TrainState,
 )
 from contrastive.config import ConfigError, Params, params_hash
-from contrastive.data import MappedArray, load_manifest, load_split, map_split
+from contrastive.data import (
+    MappedArray,
+    load_captions,
+    load_manifest,
+    load_prepared_tokenizer,
+    load_split,
+    map_split,
+)
 from contrastive.features import resolve_knn_k
-from contrastive.methods import build
-from contrastive.models import EncoderInfo, build_encoder
+from contrastive.methods import MethodInputs, build
+from contrastive.methods.clip import CaptionTable
+from contrastive.models import EncoderInfo, TextSide, build_encoder
 from contrastive.optim import build_optimizer, lr_at, scaled_lr
 from contrastive.runtime import Runtime, resolve_device, seed_everything
 
@@ -160,13 +169,19 @@ def check_pretrain(
     """Everything that can be said about ``params`` against the prepared data and the number
     of processes, before any work."""
     cfg, n = params.train, len(train_labels)
+    if cfg.method == "clip" and "captions" not in manifest:
+        raise ConfigError(
+            f"train.method: 'clip' learns from image-caption pairs, but the prepared data "
+            f"(data.source '{manifest['source']}') has no captions; use data.source: pairs"
+        )
     if world_size > 1:
         distributed.check_world(params, world_size)
     if cfg.backend == "nccl":
         distributed.resolve_backend(params, resolve_device(params.device))
     if cfg.sync_bn:
         with torch.device("meta"):  # the modules only, no weights
-            method = build(build_encoder(params.model, manifest["image_size"]), params)
+            inputs = MethodInputs(captions=CaptionTable.blank(params.model.text.context_length))
+            method = build(build_encoder(params.model, manifest["image_size"]), params, inputs)
         if not distributed.has_batch_norm(method):
             raise ConfigError(
                 f"train.sync_bn: true, but method '{cfg.method}' with encoder "
@@ -222,16 +237,29 @@ class TrainingData:
     train: tuple[np.ndarray, np.ndarray]
     val: tuple[np.ndarray, np.ndarray]
     train_source: MappedArray
+    train_captions: list[list[str]] | None = None
+    """``pairs`` data: each training image's captions."""
+    tokenizer: Tokenizer | None = None
+    """``pairs`` data: the tokenizer learned from them."""
 
     @classmethod
     def load(cls, prepared_dir: str | Path) -> TrainingData:
         source, train_y = map_split(prepared_dir, "train")
+        captions = load_captions(prepared_dir)
         return cls(
             load_manifest(prepared_dir),
             (source.open(), train_y),
             load_split(prepared_dir, "val"),
             source,
+            captions["train"] if captions else None,
+            load_prepared_tokenizer(prepared_dir),
         )
+
+    def caption_table(self, context_length: int) -> CaptionTable | None:
+        """The training captions as token ids, when the data has captions."""
+        if self.train_captions is None or self.tokenizer is None:
+            return None
+        return CaptionTable.build(self.train_captions, self.tokenizer, context_length)
 
 
 def available_ram() -> int:
@@ -279,15 +307,18 @@ def build_run(
     weights = (
         class_weights(train_y, manifest["num_classes"]) if cfg.class_balance == "weights" else None
     )
-    method = build(encoder, params, weights)
+    captions = data.caption_table(params.model.text.context_length)
+    method = build(encoder, params, MethodInputs(weights, captions))
     if cfg.sync_bn and world.distributed:
         distributed.convert_sync_batchnorm(method)
     method = method.to(device, memory_format=memory_format)
     if cfg.compile:
         encoder.compile()  # in place: the state_dict keys stay the same
     optimizer = build_optimizer(method, cfg, fused=device.type == "cuda")
+    # what the batches carry besides the views: the labels, or (clip) each image's index
+    targets = np.arange(len(train_y)) if method.batch_targets == "index" else train_y
     common: dict[str, Any] = {
-        "labels": torch.from_numpy(train_y).to(device),
+        "labels": torch.from_numpy(targets).to(device),
         "batch_size": cfg.batch_size,
         "views": SimCLRViews(params.augment, manifest["image_size"]),
         "mean": manifest["mean"],
@@ -354,6 +385,8 @@ class Trained:
     metrics: dict[str, Any]
     report: dict[str, Any]
     info: EncoderInfo
+    text: TextSide | None = None
+    """An image-text method's text half, saved with the encoder."""
 
 
 def pretrain(
@@ -398,9 +431,13 @@ def pretrain(
         classes=manifest["classes"],
         params_hash=state.run_key,
     )
+    tower = state.method.text_tower()
+    text = None
+    if tower is not None and data.tokenizer is not None:
+        text = TextSide(tower, data.tokenizer, params.model.text_encoder, params.model.text)
     if state.epoch < params.train.epochs or not world.is_main:
-        return Trained(state, {}, {}, info)
+        return Trained(state, {}, {}, info, text)
     metrics, report = summarize(
         state, params, data, runtime, isinstance(batches, StreamingBatches)
     )
-    return Trained(state, metrics, report, info)
+    return Trained(state, metrics, report, info, text)

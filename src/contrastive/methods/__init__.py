@@ -9,19 +9,18 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-import torch
 from torch import nn
 
 from contrastive.config import Params
-from contrastive.methods.base import REGISTRY, Method
+from contrastive.methods.base import REGISTRY, Method, MethodInputs
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 
-def build(encoder: nn.Module, params: Params, class_weights: torch.Tensor | None = None) -> Method:
+def build(encoder: nn.Module, params: Params, inputs: MethodInputs | None = None) -> Method:
     """The method named by ``params.train.method``, around ``encoder``."""
-    return REGISTRY[params.train.method].from_params(encoder, params, class_weights)
+    return REGISTRY[params.train.method].from_params(encoder, params, inputs or MethodInputs())
 
 
-__all__ = ["REGISTRY", "Method", "build"]
+__all__ = ["REGISTRY", "Method", "MethodInputs", "build"]

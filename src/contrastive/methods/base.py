@@ -7,7 +7,8 @@ resumed run to continue exactly. The training loop knows only this interface.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
@@ -17,7 +18,22 @@ from contrastive.distributed import gather, gather_no_grad
 from contrastive.losses import Temperature
 from contrastive.models import ProjectionHead
 
+if TYPE_CHECKING:
+    from contrastive.methods.clip import CaptionTable
+    from contrastive.text_models import TextTower
+
 REGISTRY: dict[str, type[Method]] = {}
+
+
+@dataclass(frozen=True)
+class MethodInputs:
+    """What a method takes from the training data besides the batches."""
+
+    class_weights: torch.Tensor | None = None
+    """One per class, mean 1, when ``train.class_balance`` is ``weights``: methods that use
+    labels weigh each sample's loss by its class."""
+    captions: CaptionTable | None = None
+    """``clip``: every caption of the training split, as token ids."""
 
 
 class Method(nn.Module):
@@ -28,6 +44,9 @@ class Method(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    batch_targets: ClassVar[str] = "labels"
+    """What the third element of a batch holds: the images' ``labels``, or (``index``) their
+    indices into the training split."""
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -77,13 +96,9 @@ class Method(nn.Module):
         return None if self.class_weights is None else self.class_weights[labels]
 
     @classmethod
-    def from_params(
-        cls, encoder: nn.Module, params: Params, class_weights: torch.Tensor | None
-    ) -> Method:
-        """Build the method from ``params`` around ``encoder``.
-
-        ``class_weights`` (one per class, mean 1) are given when ``train.class_balance`` is
-        ``weights``; methods that use labels weigh each sample's loss by its class.
+    def from_params(cls, encoder: nn.Module, params: Params, inputs: MethodInputs) -> Method:
+        """Build the method from ``params`` around ``encoder``, with what it needs of the data
+        (``inputs``).
         """
         raise NotImplementedError
 
@@ -99,6 +114,10 @@ class Method(nn.Module):
         (0, 1]. Keeps a learned temperature in its bounds."""
         if self.temperature is not None:
             self.temperature.clamp_()
+
+    def text_tower(self) -> TextTower | None:
+        """The image head and text encoder of an image-text method (``clip``); None here."""
+        return None
 
     def history_values(self) -> dict[str, float]:
         """Values to record in the per-epoch history besides the loss: a learned temperature."""

@@ -7,7 +7,7 @@ from torch import nn
 
 from contrastive.config import Params
 from contrastive.losses import MarginPairLoss
-from contrastive.methods.base import Method
+from contrastive.methods.base import Method, MethodInputs
 
 
 class MarginPair(Method):
@@ -33,7 +33,7 @@ class MarginPair(Method):
 
     @classmethod
     def from_params(
-        cls, encoder: nn.Module, params: Params, class_weights: torch.Tensor | None
+        cls, encoder: nn.Module, params: Params, inputs: MethodInputs
     ) -> MarginPair:
         m, p = params.model, params.train.margin_pair
         return cls(
@@ -42,7 +42,7 @@ class MarginPair(Method):
             m.projection_dim,
             MarginPairLoss(p.margin, p.alpha, p.negatives_per_positive),
             p.supervised,
-            class_weights,
+            inputs.class_weights,
         )
 
     def forward(

@@ -13,7 +13,7 @@ from torch import nn
 from contrastive.config import MoCoConfig, Params
 from contrastive.distributed import gather_no_grad
 from contrastive.losses import InfoNCELoss, Temperature
-from contrastive.methods.base import Method
+from contrastive.methods.base import Method, MethodInputs
 
 
 class MoCo(Method):
@@ -74,7 +74,7 @@ class MoCo(Method):
 
     @classmethod
     def from_params(
-        cls, encoder: nn.Module, params: Params, class_weights: torch.Tensor | None
+        cls, encoder: nn.Module, params: Params, inputs: MethodInputs
     ) -> MoCo:
         m, t = params.model, params.train
         return cls(

@@ -7,7 +7,7 @@ from torch import nn
 
 from contrastive.config import Params
 from contrastive.losses import NTXentLoss, Temperature
-from contrastive.methods.base import Method
+from contrastive.methods.base import Method, MethodInputs
 
 
 class SimCLR(Method):
@@ -23,7 +23,7 @@ class SimCLR(Method):
 
     @classmethod
     def from_params(
-        cls, encoder: nn.Module, params: Params, class_weights: torch.Tensor | None
+        cls, encoder: nn.Module, params: Params, inputs: MethodInputs
     ) -> SimCLR:
         m, t = params.model, params.train
         return cls(

@@ -7,7 +7,7 @@ from torch import nn
 
 from contrastive.config import Params
 from contrastive.losses import SupConLoss, Temperature
-from contrastive.methods.base import Method
+from contrastive.methods.base import Method, MethodInputs
 
 
 class SupCon(Method):
@@ -30,7 +30,7 @@ class SupCon(Method):
 
     @classmethod
     def from_params(
-        cls, encoder: nn.Module, params: Params, class_weights: torch.Tensor | None
+        cls, encoder: nn.Module, params: Params, inputs: MethodInputs
     ) -> SupCon:
         m, t = params.model, params.train
         return cls(
@@ -38,7 +38,7 @@ class SupCon(Method):
             m.projection_hidden_dim,
             m.projection_dim,
             Temperature(t.temperature, t.learn_temperature),
-            class_weights,
+            inputs.class_weights,
         )
 
     def forward(

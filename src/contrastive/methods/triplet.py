@@ -7,7 +7,7 @@ from torch import nn
 
 from contrastive.config import Params
 from contrastive.losses import TripletLoss
-from contrastive.methods.base import Method
+from contrastive.methods.base import Method, MethodInputs
 
 
 class Triplet(Method):
@@ -33,7 +33,7 @@ class Triplet(Method):
 
     @classmethod
     def from_params(
-        cls, encoder: nn.Module, params: Params, class_weights: torch.Tensor | None
+        cls, encoder: nn.Module, params: Params, inputs: MethodInputs
     ) -> Triplet:
         m, t = params.model, params.train.triplet
         return cls(
@@ -42,7 +42,7 @@ class Triplet(Method):
             m.projection_dim,
             TripletLoss(t.margin, t.mining),
             t.supervised,
-            class_weights,
+            inputs.class_weights,
         )
 
     def forward(

@@ -78,7 +78,8 @@ def run(
         )
     history = trained.state.history
     encoder = trained.state.method.encoder
-    save_encoder(layout.encoder, encoder.to(memory_format=torch.contiguous_format), trained.info)
+    save_encoder(layout.encoder, encoder.to(memory_format=torch.contiguous_format), trained.info,
+                 trained.text)
     extra = ["temperature"] if "temperature" in history[-1] else []
     write_csv(layout.pretrain_history, history, ["epoch", "loss", "lr", "images_per_s", *extra])
     write_csv(layout.knn_history, [r for r in history if "knn_top1" in r], ["epoch", "knn_top1"])

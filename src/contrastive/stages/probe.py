@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from contrastive.config import Params
-from contrastive.data import load_manifest, load_split
+from contrastive.data import load_captions, load_manifest, load_split
 from contrastive.evaluate import evaluate_encoder
 from contrastive.files import write_csv, write_json
 from contrastive.layout import Layout
-from contrastive.models import load_encoder, save_probe
+from contrastive.models import load_encoder, load_text_side, save_probe
 from contrastive.plots import plot_anomaly_histograms, plot_confusion, plot_embedding
 from contrastive.runtime import resolve_device
 
@@ -25,7 +25,9 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     classes = load_manifest(layout.prepared)["classes"]
     splits = {s: load_split(layout.prepared, s) for s in ("train", "val", "test")}
     encoder, info = load_encoder(layout.encoder)
-    found = evaluate_encoder(params, encoder, info, splits, classes, device)
+    captions = load_captions(layout.prepared)
+    found = evaluate_encoder(params, encoder, info, splits, classes, device,
+                             load_text_side(layout.encoder), captions["test"] if captions else None)
 
     save_probe(layout.probe, found.probe)
     # one row per test image, the shape DVC's ``confusion`` plot template reads
