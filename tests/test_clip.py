@@ -5,6 +5,7 @@ probe stage, and the one-line errors."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +16,24 @@ from PIL import Image
 from torch import nn
 
 from contrastive.captions import TEMPLATES, templated_captions
+from contrastive.classify import label_embeddings
 from contrastive.cli import main
 from contrastive.config import TextConfig, load_params
-from contrastive.crossmodal import image_text_metrics, recall_at
-from contrastive.data import load_captions, load_manifest, load_prepared_tokenizer
+from contrastive.crossmodal import (
+    class_embeddings,
+    embed_images,
+    embed_texts,
+    image_text_metrics,
+    recall_at,
+)
+from contrastive.data import load_captions, load_manifest, load_prepared_tokenizer, load_split
+from contrastive.export import EmbeddingModel
+from contrastive.inference import load_model
 from contrastive.layout import Layout
 from contrastive.models import TextSide, load_encoder, load_text_side
 from contrastive.text import encode, train_tokenizer
 from contrastive.text_models import TextTower
-from tests.conftest import write_params
+from tests.conftest import new_store, write_params
 
 PAIRS = {"data": {"source": "pairs", "vocab_size": 300}}
 CLIP = {**PAIRS,
@@ -118,15 +128,17 @@ def test_prepare_captions_the_digits_with_the_templates(workspace: Path) -> None
 
 
 @pytest.fixture(scope="module")
-def clip_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """prepare, pretrain and probe with clip on the captioned digits, once for the tests."""
+def clip_run(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> Iterator[Path]:
+    """Every stage with clip on the captioned digits, once for the tests, into the run's own
+    MLflow store (set for the tests that use the fixture)."""
     root = tmp_path_factory.mktemp("clip")
     write_params(root, CLIP)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        for stage in ("prepare", "pretrain", "probe"):
+        mp.setenv("MLFLOW_TRACKING_URI", new_store(mlflow_template, root / "store"))
+        for stage in ("prepare", "pretrain", "probe", "export", "register"):
             assert main([stage]) == 0, stage
-    return root
+        yield root
 
 
 def test_clip_trains_and_the_probe_reports_zero_shot_and_recall(clip_run: Path) -> None:
@@ -205,3 +217,125 @@ def test_a_caption_file_without_labels_stops_prepare_and_writes_nothing(
     err = capsys.readouterr().err.strip()
     assert "captions.tsv: no 'label' column" in err and "\n" not in err
     assert not Path("data/prepared").exists()
+
+
+# --- export, serving, search and classify ------------------------------------------------------
+
+
+def test_both_towers_are_exported_within_parity_and_the_gate_ranks_by_zero_shot(
+        clip_run: Path) -> None:
+    export = json.loads((clip_run / "metrics/export.json").read_text())
+    assert export["max_abs_diff"] <= 1e-4 and export["image_embeds_max_abs_diff"] <= 1e-4
+    assert export["text"]["max_abs_diff"] <= 1e-4
+    # the probe's zero-shot figure (torch) again, from the ONNX files and the saved tokenizer
+    model = load_model("models/encoder.onnx")
+    x, y = load_split("data/prepared", "test")
+    predicted = (model.embed_shared(x) @ label_embeddings(model.texts(), model.classes).T)
+    probe = json.loads((clip_run / "metrics/probe.json").read_text())["pretrained"]
+    assert float((predicted.argmax(axis=1) == y).mean()) == pytest.approx(
+        probe["zero_shot_top1"], abs=1e-5)
+    registered = json.loads((clip_run / "reports/registry.json").read_text())
+    assert registered["gate_metric"] == "zero_shot_top1" and registered["decision"] == "promoted"
+    assert registered["zero_shot_top1"] == probe["zero_shot_top1"]
+
+
+def test_the_registered_model_serves_images_texts_and_both(clip_run: Path) -> None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    served = mlflow.pyfunc.load_model("models:/contrastive-encoder@champion")
+    local = load_model("models/encoder.onnx")
+    x = load_split("data/prepared", "test")[0][:3]
+    texts = np.array(["a photo of a 3.", "a blurry photo of a 7."])
+    only_texts = served.predict({"texts": texts})
+    np.testing.assert_allclose(only_texts["text_embeds"], local.texts().embed(list(texts)),
+                               atol=1e-6)
+    both = served.predict({"images": x, "texts": texts}, params={"neighbours": 2})
+    np.testing.assert_allclose(both["image_embeds"], local.embed_shared(x), atol=1e-6)
+    np.testing.assert_allclose(both["similarity"], both["image_embeds"] @ both["text_embeds"].T,
+                               atol=1e-6)
+    assert both["neighbour_index"].shape == (3, 2)
+    assert set(served.predict(x)) == {"embeddings", "image_embeds"}  # images alone, as before
+    for bad, says in (({"captions": texts}, "'images' and 'texts'"),
+                      ({"texts": np.array(["", "a"])}, "non-empty")):
+        with pytest.raises(MlflowException, match=says):
+            served.predict(bad)
+
+
+def write_test_images(folder: Path, count: int) -> list[Path]:
+    x, y = load_split("data/prepared", "test")
+    folder.mkdir(exist_ok=True)
+    files = [folder / f"{i:03d}_{y[i]}.png" for i in range(count)]
+    for i, file in enumerate(files):
+        Image.fromarray(x[i]).save(file)
+    return files
+
+
+def torch_shared_space(files: list[Path], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: image and text embeddings from encoder.pt with torch alone."""
+    side = load_text_side("models/encoder.pt")
+    encoder, info = load_encoder("models/encoder.pt")
+    x = torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]))
+    with torch.no_grad():
+        images = embed_images(side, EmbeddingModel(encoder, info)(x))
+    return images, class_embeddings(side, texts) if texts else torch.empty(0)
+
+
+def test_classify_names_the_nearest_prompt_ensemble(clip_run: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    files = write_test_images(clip_run / "queries", 40)
+    labels = [str(k) for k in range(10)]
+    assert main(["classify", "--labels", ",".join(labels), str(clip_run / "queries"),
+                 "--top", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    images, classes = torch_shared_space(files, labels)
+    want = (images @ classes.T).argmax(dim=1).tolist()
+    got = {Path(p["image"]).name: p for p in result["predictions"]}
+    assert [got[f.name]["label"] for f in files] == [labels[k] for k in want]
+    assert all(len(p["top"]) == 3 and p["top"][0]["cosine"] >= p["top"][1]["cosine"]
+               for p in result["predictions"])
+
+
+def test_text_search_ranks_the_gallery_by_cosine_with_the_sentence(
+        clip_run: Path, capsys: pytest.CaptureFixture) -> None:
+    files = write_test_images(clip_run / "gallery", 30)
+    sentence = "a photo of a 3."
+    assert main(["search", "--gallery", str(clip_run / "gallery"), "--text", sentence,
+                 "-k", "5", "--json"]) == 0
+    [result] = json.loads(capsys.readouterr().out)
+    side = load_text_side("models/encoder.pt")
+    images, _ = torch_shared_space(sorted(files), [])
+    scores = (images @ embed_texts(side, [sentence]).T).squeeze(1)
+    order = scores.argsort(descending=True)[:5].tolist()
+    assert result["query"] == sentence
+    assert [Path(h["image"]).name for h in result["neighbours"]] == [
+        sorted(files)[i].name for i in order]
+    assert result["neighbours"][0]["cosine"] == pytest.approx(scores.max().item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["classify", "--labels", "cat,,dog", "IMAGES"], "--labels 'cat,,dog': a label is empty"),
+    (["classify", "--labels", "cat,cat", "IMAGES"], "'cat' is given twice"),
+    (["classify", "--labels", "cat", "IMAGES"], "at least two labels"),
+    (["search", "--gallery", "IMAGES", "--text", " "], "--text: a query text is empty"),
+    (["search", "--gallery", "IMAGES"], "give query images, or --text"),
+])
+def test_bad_text_queries_are_one_line(clip_run: Path, capsys: pytest.CaptureFixture,
+                                       argv: list[str], says: str) -> None:
+    write_test_images(clip_run / "queries", 2)
+    argv = [str(clip_run / "queries") if a == "IMAGES" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and "\n" not in err
+
+
+def test_texts_need_an_image_text_model(workspace: Path, capsys: pytest.CaptureFixture) -> None:
+    for stage in ("prepare", "pretrain", "probe", "export"):
+        assert main([stage]) == 0
+    write_images(workspace / "imgs", ["a.png", "b.png"])
+    capsys.readouterr()
+    for argv in (["classify", "--model", "models/encoder.onnx", "--labels", "a,b", "imgs"],
+                 ["search", "--model", "models/encoder.onnx", "--gallery", "imgs", "--text", "a"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "has no text tower" in err and "train.method: clip" in err and "\n" not in err

@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import contrastive
-from contrastive.config import ConfigError, ExportConfig, ModelConfig, parse_params
+from contrastive.captions import templated_captions
+from contrastive.config import ConfigError, ExportConfig, ModelConfig, TextConfig, parse_params
 from contrastive.export import (
     EmbeddingModel,
     ExportCheckError,
@@ -19,9 +21,20 @@ from contrastive.export import (
     onnx_metadata,
     ort_session,
 )
+from contrastive.inference import load_model
 from contrastive.layout import Layout
-from contrastive.models import EncoderInfo, LinearProbe, build_encoder, save_encoder, save_probe
+from contrastive.models import (
+    EncoderInfo,
+    LinearProbe,
+    TextSide,
+    build_encoder,
+    build_text_tower,
+    load_encoder,
+    save_encoder,
+    save_probe,
+)
 from contrastive.stages import export
+from contrastive.text import encode, train_tokenizer
 
 SIZE = 8
 MEAN = [0.4, 0.5, 0.6]
@@ -89,6 +102,61 @@ def test_export_passes_checks_and_writes_metrics(exported: dict) -> None:
     assert written == {k: metrics[k] for k in ("max_abs_diff", "prediction_agreement", "n_test",
                                                 "onnx_file_bytes", "opset")}
     assert report == {k: v for k, v in metrics.items() if k not in written}
+
+
+def test_an_image_only_model_has_no_text_tower(exported: dict) -> None:
+    folder = exported["paths"]["root"] / "models/text"
+    assert sorted(p.name for p in folder.iterdir()) == ["text.json"]
+    assert json.loads((folder / "text.json").read_text())["text_tower"] is None
+    assert "text" not in exported["metrics"]
+    assert load_model(str(exported["paths"]["onnx"])).text is None
+
+
+def add_text_side(paths: dict[str, Path], kind: str) -> TextSide:
+    """Give ``make_inputs``'s encoder a random text side of ``kind`` (an image-text model)."""
+    encoder, info = load_encoder(paths["encoder"])
+    config = TextConfig(width=16, layers=1, heads=2, context_length=12)
+    tok = train_tokenizer([p for name in info.classes for p in templated_captions(name)], 300)
+    torch.manual_seed(1)
+    tower = build_text_tower(info, kind, config, tok.get_vocab_size()).eval()
+    side = TextSide(tower, tok, kind, config)
+    save_encoder(paths["encoder"], encoder, info, side)
+    return side
+
+
+@pytest.mark.parametrize("kind", ["transformer", "gru"])
+def test_an_image_text_model_exports_both_towers_within_parity(kind: str, tmp_path: Path) -> None:
+    paths = make_inputs(tmp_path, n_test=40)
+    side = add_text_side(paths, kind)
+    metrics = run_export(paths)
+    assert metrics["image_embeds_max_abs_diff"] <= FAST.atol
+    assert metrics["text"]["max_abs_diff"] <= FAST.atol and metrics["text"]["n_texts"] == 54
+    folder = tmp_path / "models/text"
+    assert sorted(p.name for p in folder.iterdir()) == ["text.json", "text.onnx",
+                                                        "tokenizer.json"]
+    assert json.loads((folder / "text.json").read_text())["context_length"] == 12
+
+    # what a consumer gets through onnxruntime and the saved tokenizer is torch's shared space
+    model = load_model(str(paths["onnx"]))
+    texts = ["a photo of a b.", "an unseen word: zebra, and é", "x" * 80]
+    tokens = encode(side.tokenizer, texts, 12)
+    encoder, _ = load_encoder(paths["encoder"])
+    images = np.load(paths["prepared"] / "test.npz")["x"][:5]
+    with torch.no_grad():
+        want_text = F.normalize(side.tower.embed_texts(tokens), dim=1).numpy()
+        features = EmbeddingModel(*load_encoder(paths["encoder"]))(torch.from_numpy(images))
+        want_image = F.normalize(side.tower.embed_images(features), dim=1).numpy()
+    np.testing.assert_allclose(model.texts().embed(texts), want_text, atol=1e-5)
+    np.testing.assert_allclose(model.embed_shared(images), want_image, atol=1e-5)
+    np.testing.assert_allclose(model.embed(images), features.numpy(), atol=1e-4)
+
+
+def test_a_failed_text_check_writes_neither_tower(tmp_path: Path) -> None:
+    paths = make_inputs(tmp_path, n_test=20)
+    add_text_side(paths, "transformer")
+    with pytest.raises(ExportCheckError, match="limit export.atol"):
+        run_export(paths, ExportConfig(atol=1e-30, latency_repeats=1))
+    assert not (tmp_path / "models/text").exists() and not paths["onnx"].exists()
 
 
 def test_preprocessing_is_inside_the_graph(exported: dict) -> None:

@@ -26,6 +26,7 @@ from contrastive.text import (
     clean,
     decode,
     encode,
+    for_model,
     load_tokenizer,
     save_tokenizer,
     train_tokenizer,
@@ -83,6 +84,18 @@ def test_truncation_keeps_eos_last(tok: Tokenizer) -> None:
     assert encode(tok, [caption], 2)[0].tolist() == [SOS_ID, EOS_ID]
     with pytest.raises(ValueError, match="context_length"):
         encode(tok, [caption], 1)
+
+
+def test_the_exported_tokenizer_truncates_and_pads_as_encode_does(tok: Tokenizer,
+                                                                 tmp_path: Path) -> None:
+    """The tokenizer saved beside the text tower gives its input with the tokenizers library
+    alone (a service, another language): short, empty, over-long and unseen-character texts."""
+    texts = ["a photo of a dog.", "", "word " * 40, "Ünïcødé 🐕 text"]
+    save_tokenizer(for_model(tok, 12), tmp_path / "tokenizer.json")
+    alone = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    ids = [e.ids for e in alone.encode_batch(texts)]
+    assert ids == encode(tok, texts, 12).tolist()
+    assert tok.truncation is None and tok.padding is None  # the original is left as it was
 
 
 def test_training_is_deterministic_across_processes(tok: Tokenizer, tmp_path: Path) -> None:

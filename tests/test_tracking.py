@@ -46,7 +46,7 @@ from contrastive.models import (
     save_encoder,
     save_probe,
 )
-from contrastive.registry import Candidate, Champion, RescoreError, decide
+from contrastive.registry import ZERO_SHOT, Candidate, Champion, RescoreError, decide
 from contrastive.stages import export
 from tests.conftest import ROOT, new_store, write_params
 
@@ -146,6 +146,29 @@ def test_champion_scores_come_from_version_tags() -> None:
         tags = {"eval_key": SAME, "linear_top1": "0.7", f"rescored.{OTHER}": "0.6"}
 
     assert Champion.of(Version()) == Champion("3", {SAME: 0.7, OTHER: 0.6})
+
+
+def test_an_image_text_model_is_ranked_by_zero_shot_against_its_own_kind() -> None:
+    zero_shot = Champion("5", {SAME: 0.40}, ZERO_SHOT)
+    better = Candidate(0.45, SAME, True, None, ZERO_SHOT)
+    decision = decide(better, zero_shot, 0.01, never)
+    assert decision.promoted and "zero-shot top-1 0.4500 vs champion v5 0.4000" in decision.reason
+    assert decide(Candidate(0.405, SAME, True, None, ZERO_SHOT), zero_shot, 0.01,
+                  never).outcome == "kept"
+    # a linear top-1 and a zero-shot top-1 are not the same figure: no comparison either way
+    for champion, challenger in ((CHAMP, better), (zero_shot, candidate(0.99))):
+        refused = decide(challenger, champion, 0.01, never)
+        assert refused.outcome == "refused" and refused.eligible
+        assert "ranked by" in refused.reason and "no fair comparison" in refused.reason
+
+
+def test_a_zero_shot_champions_score_comes_from_its_gate_metric_tag() -> None:
+    class Version:
+        version = 2
+        tags = {"eval_key": SAME, "gate_metric": ZERO_SHOT, "linear_top1": "0.9",
+                "zero_shot_top1": "0.5"}
+
+    assert Champion.of(Version()) == Champion("2", {SAME: 0.5}, ZERO_SHOT)
 
 
 # --- helpers: provenance tags -------------------------------------------------------------------

@@ -134,8 +134,16 @@ def _embed(args: argparse.Namespace) -> dict[str, Any]:
 def _search(args: argparse.Namespace) -> Any:
     from contrastive.gallery import format_hits, search
 
-    results = search(args.model, args.queries, args.k, args.gallery, args.index, args.batch_size)
+    results = search(args.model, args.queries, args.k, args.gallery, args.index, args.batch_size,
+                     args.text)
     return results if args.json else format_hits(results)
+
+
+def _classify(args: argparse.Namespace) -> Any:
+    from contrastive.classify import classify, format_predictions
+
+    result = classify(args.model, args.labels, args.inputs, args.top, args.batch_size)
+    return result if args.json else format_predictions(result)
 
 
 def _index(args: argparse.Namespace) -> dict[str, Any]:
@@ -247,17 +255,34 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--batch-size", type=_positive_int, default=256)
     build.set_defaults(run=_index)
 
-    search = sub.add_parser("search", help="nearest gallery images to query images",
-                            description="the gallery images most similar to each QUERY (cosine): "
-                            "from --gallery, else --index, else the model version's index")
+    search = sub.add_parser("search", help="nearest gallery images to query images or texts",
+                            description="the gallery images most similar to each QUERY image "
+                            "and each --text (cosine): from --gallery, else --index, else the "
+                            "model version's index; --text needs an image-text (clip) model")
     search.add_argument("--model", default=champion, help=f"{model_help} ({champion})")
     search.add_argument("--gallery", metavar="FOLDER|NPZ", help="embed this gallery now")
     search.add_argument("--index", metavar="FOLDER", help="an index folder (index build --out)")
-    search.add_argument("queries", nargs="+", metavar="QUERY_IMAGE")
+    search.add_argument("queries", nargs="*", metavar="QUERY_IMAGE")
+    search.add_argument("--text", action="append", default=[], metavar="SENTENCE",
+                        help="a query sentence (repeat for more); needs a clip model")
     search.add_argument("-k", type=_positive_int, default=5, help="how many results (5)")
     search.add_argument("--json", action="store_true", help="JSON instead of a table")
     search.add_argument("--batch-size", type=_positive_int, default=256)
     search.set_defaults(run=_search)
+
+    classify = sub.add_parser(
+        "classify", help="zero-shot classification of images by label names (clip models)",
+        description="each image's nearest label by cosine, each label the mean of its "
+        "embeddings under CLIP's prompt templates; needs an image-text (clip) model")
+    classify.add_argument("--model", default=champion, help=f"{model_help} ({champion})")
+    classify.add_argument("--labels", required=True, metavar="A,B,...",
+                          help="the label names, separated by commas (cat,dog,ship)")
+    classify.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDER")
+    classify.add_argument("--top", type=_positive_int, default=1,
+                          help="how many labels per image, best first (1)")
+    classify.add_argument("--json", action="store_true", help="JSON instead of a table")
+    classify.add_argument("--batch-size", type=_positive_int, default=256)
+    classify.set_defaults(run=_classify)
 
     anomaly = sub.add_parser(
         "anomaly", help="deep-kNN anomaly score of images, against the train split",
@@ -273,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     anomaly.add_argument("--json", action="store_true", help="JSON instead of a table")
     anomaly.add_argument("--batch-size", type=_positive_int, default=256)
     anomaly.set_defaults(run=_anomaly)
-    for command in (embed, search, build, anomaly):
+    for command in (embed, search, build, anomaly, classify):
         command.add_argument("--params", help="the project's params file; " + search_store)
         command.add_argument("--tracking-uri", help="MLflow tracking URI; " + search_store)
     return parser

@@ -35,12 +35,12 @@ from tokenizers import Tokenizer
 from contrastive import paths
 from contrastive.config import ConfigError, DataConfig
 from contrastive.files import atomic_path, write_json
-from contrastive.text import load_tokenizer, save_tokenizer, train_tokenizer
+from contrastive.text import TOKENIZER_FILE, load_tokenizer, save_tokenizer, train_tokenizer
 
 SPLITS = ("train", "val", "test")
 CAPTIONS = "captions.json"
 """``pairs``: ``{split: [[caption, ...] per image]}`` in the prepared folder."""
-TOKENIZER = "tokenizer.json"
+TOKENIZER = TOKENIZER_FILE
 """``pairs``: the BPE tokenizer learned from the training captions, in the prepared folder."""
 
 _NPZ_HELP = "give an .npz file with x uint8 (N,H,W,C) and y int (N,)"

@@ -36,7 +36,7 @@ _MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w.-]+)|/(?P<ve
 
 def identity(encoder: Encoder) -> dict[str, Any]:
     """What an index records of the encoder that built it (see GalleryIndex.check)."""
-    print_ = encoder.embed(fingerprint_images(encoder.input_size))
+    print_ = encoder.embed(fingerprint_images(encoder.input_size), output=encoder.search_space)
     return {"params_hash": encoder.params_hash, "model": encoder.source,
             "embedding_dim": int(print_.shape[1]),
             "fingerprint": np.round(print_.astype(np.float64), 6).tolist()}
@@ -53,14 +53,15 @@ class Gallery:
 
 def embed_gallery(encoder: Encoder, gallery: str, batch_size: int = 256) -> Gallery:
     """Embed a folder of image files (undecodable files skipped and listed) or an ``.npz`` whose
-    ``x`` holds ``uint8 (N, H, W[, C])`` images (grey or RGB, resized as prepare does)."""
+    ``x`` holds ``uint8 (N, H, W[, C])`` images (grey or RGB, resized as prepare does), in the
+    encoder's search space."""
     path = Path(gallery)
     if path.suffix == ".npz" and path.is_file():
         images = _npz_images(path, encoder.input_size)
         return Gallery([f"{path.name}#{i}" for i in range(len(images))],
-                       encoder.embed(images, batch_size), [])
+                       encoder.embed(images, batch_size, encoder.search_space), [])
     files = list_images([gallery])
-    embedded = embed_files(encoder, files, batch_size)
+    embedded = embed_files(encoder, files, batch_size, output=encoder.search_space)
     return Gallery([str(f) for f in embedded.files], embedded.embeddings, embedded.skipped)
 
 
@@ -166,18 +167,26 @@ def fetch_index(model: str) -> GalleryIndex | None:
 
 
 def search(model: str, queries: Sequence[str], k: int = 5, gallery: str | None = None,
-           index_dir: str | None = None, batch_size: int = 256) -> list[dict[str, Any]]:
-    """``contrastive search``: per query image, the ``k`` most similar gallery images (cosine).
+           index_dir: str | None = None, batch_size: int = 256,
+           texts: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """``contrastive search``: per query image, and per query text (``--text``, an image-text
+    model), the ``k`` most similar gallery images (cosine).
 
     The gallery is, in this order: ``gallery`` (a folder or .npz, embedded now), the index folder
     ``index_dir``, or the index published on the model version.
     """
     if k < 1:
         raise ConfigError(f"-k {k}: must be at least 1")
+    if not queries and not texts:
+        raise ConfigError("search: give query images, or --text \"a sentence\"")
+    empty = [t for t in texts if not t.strip()]
+    if empty:
+        raise ConfigError("--text: a query text is empty")
     missing = [q for q in queries if not Path(q).is_file()]
     if missing:
         raise ConfigError(f"{missing[0]}: query image not found")
     encoder = load_model(model)
+    text_tower = encoder.texts() if texts else None
     if gallery is not None:
         found = embed_gallery(encoder, gallery, batch_size)
         index = GalleryIndex(build_searcher(found.embeddings, "exact"), found.items,
@@ -195,10 +204,15 @@ def search(model: str, queries: Sequence[str], k: int = 5, gallery: str | None =
             images.append(read_image(Path(query), encoder.input_size))
         except Exception as exc:  # any decoder failure
             raise ConfigError(f"{query}: not a readable image ({first_line(exc)})") from None
-    hits = index.search(encoder.embed(np.stack(images)), k)
+    vectors = []
+    if images:
+        vectors.append(encoder.embed(np.stack(images), batch_size, encoder.search_space))
+    if text_tower is not None:
+        vectors.append(text_tower.embed(texts, batch_size))
+    hits = index.search(np.concatenate(vectors), k)
     return [{"query": str(q), "neighbours": [{"rank": r, "cosine": round(score, 6), "image": item}
                                             for r, (score, item) in enumerate(row, 1)]}
-            for q, row in zip(queries, hits, strict=True)]
+            for q, row in zip([*queries, *texts], hits, strict=True)]
 
 
 def format_hits(results: list[dict[str, Any]]) -> str:

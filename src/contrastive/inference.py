@@ -1,4 +1,5 @@
-"""Using a registered encoder: open it, embed image files, with onnxruntime only.
+"""Using a registered encoder: open it, embed image files (and for an image-text model,
+texts), with onnxruntime only.
 
 Searching a gallery is :mod:`contrastive.gallery`; anomaly scores, :mod:`contrastive.anomaly`.
 
@@ -23,11 +24,39 @@ from tqdm import tqdm
 
 from contrastive.config import ConfigError
 from contrastive.data import read_image  # the prepare stage's image decoding
-from contrastive.export import INPUT_NAME, OUTPUT_NAME, onnx_metadata, ort_session
+from contrastive.export import (
+    IMAGE_EMBEDS,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    TEXT_EMBEDS,
+    TOKENS_NAME,
+    onnx_metadata,
+    ort_session,
+)
 from contrastive.files import atomic_path
 from contrastive.store import connect, first_line, mlflow_errors
 
 OUTPUT_FORMATS = (".npy", ".parquet")
+TEXT_ONNX = "text.onnx"
+TOKENIZER = "tokenizer.json"
+
+
+@dataclass
+class TextEncoder:
+    """The text tower of an image-text model and the tokenizer beside it (which truncates and
+    pads to the tower's context itself)."""
+
+    session: Any  # onnxruntime.InferenceSession
+    tokenizer: Any  # tokenizers.Tokenizer
+
+    def embed(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """Unit embeddings ``float32 (N, D)`` of ``texts``, in the space of ``image_embeds``."""
+        tokens = np.array([e.ids for e in self.tokenizer.encode_batch(list(texts))],
+                          dtype=np.int64)
+        return np.concatenate([
+            self.session.run([TEXT_EMBEDS], {TOKENS_NAME: tokens[i:i + batch_size]})[0]
+            for i in range(0, len(tokens), batch_size)
+        ])
 
 
 @dataclass
@@ -39,13 +68,36 @@ class Encoder:
     source: str
     params_hash: str | None = None
     """The training params' hash from the ONNX metadata: names the encoder (gallery indexes)."""
+    text: TextEncoder | None = None
+    """The text tower of an image-text (clip) model; None for an image-only one."""
+    classes: list[str] = field(default_factory=list)
 
-    def embed(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Embeddings ``float32 (N, D)`` of ``uint8 (N, S, S, 3)`` images, in batches."""
+    def embed(self, images: np.ndarray, batch_size: int = 256,
+              output: str = OUTPUT_NAME) -> np.ndarray:
+        """Embeddings ``float32 (N, D)`` of ``uint8 (N, S, S, 3)`` images, in batches: the
+        encoder's (``embeddings``), or an image-text model's unit ``image_embeds``."""
         return np.concatenate([
-            self.session.run([OUTPUT_NAME], {INPUT_NAME: images[i:i + batch_size]})[0]
+            self.session.run([output], {INPUT_NAME: images[i:i + batch_size]})[0]
             for i in range(0, len(images), batch_size)
         ])
+
+    def texts(self) -> TextEncoder:
+        """The text tower; a :class:`ConfigError` for a model that has none."""
+        if self.text is None:
+            raise ConfigError(f"--model {self.source}: has no text tower; texts and class names "
+                              "need a model trained with train.method: clip")
+        return self.text
+
+    def embed_shared(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Unit ``image_embeds`` of an image-text model, comparable with its text embeddings."""
+        self.texts()
+        return self.embed(images, batch_size, IMAGE_EMBEDS)
+
+    @property
+    def search_space(self) -> str:
+        """The output galleries are searched in: an image-text model's shared space (so that
+        images and texts query one index), else the encoder's embeddings."""
+        return IMAGE_EMBEDS if self.text is not None else OUTPUT_NAME
 
 
 def load_model(model: str) -> Encoder:
@@ -56,13 +108,13 @@ def load_model(model: str) -> Encoder:
     """
     local = Path(model)
     if local.exists():
-        return _open(_onnx_file(local, model), model)
+        return _open(*_onnx_files(local, model), model)
     if ":/" not in model:
         raise ConfigError(f"--model {model}: no such file, and not a model URI "
                           "(models:/NAME@ALIAS or models:/NAME/VERSION)")
     with tempfile.TemporaryDirectory(prefix="contrastive-model-") as folder:
         _download(model, folder)
-        return _open(_onnx_file(Path(folder), model), model)
+        return _open(*_onnx_files(Path(folder), model), model)
 
 
 def _download(uri: str, folder: str) -> None:
@@ -82,28 +134,47 @@ def _download(uri: str, folder: str) -> None:
             raise
 
 
-def _onnx_file(path: Path, name: str) -> Path:
+def _onnx_files(path: Path, name: str) -> tuple[Path, Path | None]:
+    """The image model and, when there is one, the text tower: a file and the project's
+    ``models/text/text.onnx`` beside it, or a model folder's ``.onnx`` files."""
     if path.is_file():
-        return path
+        text = path.parent / "text" / TEXT_ONNX
+        return path, text if text.is_file() else None
     found = sorted(path.rglob("*.onnx"))
-    if not found:
+    images = [f for f in found if f.name != TEXT_ONNX]
+    if not images:
         raise ConfigError(f"--model {name}: holds no .onnx file")
-    return found[0]
+    texts = [f for f in found if f.name == TEXT_ONNX]
+    return images[0], texts[0] if texts else None
 
 
-def _open(onnx_path: Path, source: str) -> Encoder:
-    """An onnxruntime session; the input size comes from the model's metadata or input shape."""
+def _session(onnx_path: Path, source: str) -> Any:
     try:
-        session = ort_session(onnx_path)
+        return ort_session(onnx_path)
     except Exception as exc:  # onnxruntime raises its own, unexported error types
         reason = first_line(exc)
         raise ConfigError(f"--model {source}: not a usable ONNX model ({reason})") from None
+
+
+def _open(onnx_path: Path, text_path: Path | None, source: str) -> Encoder:
+    """onnxruntime sessions; the input size comes from the model's metadata or input shape."""
+    session = _session(onnx_path, source)
     metadata = onnx_metadata(onnx_path)
     size = metadata.get("input_size") or session.get_inputs()[0].shape[1]
     if not isinstance(size, int):
         raise ConfigError(f"--model {source}: the model does not say its input size")
     params_hash = metadata.get("params_hash")
-    return Encoder(session, size, source, str(params_hash) if params_hash else None)
+    outputs = {o.name for o in session.get_outputs()}
+    text = None
+    if text_path is not None and IMAGE_EMBEDS in outputs:
+        from tokenizers import Tokenizer
+
+        tokenizer = text_path.parent / TOKENIZER
+        if not tokenizer.is_file():
+            raise ConfigError(f"--model {source}: {TOKENIZER} missing beside {TEXT_ONNX}")
+        text = TextEncoder(_session(text_path, source), Tokenizer.from_file(str(tokenizer)))
+    return Encoder(session, size, source, str(params_hash) if params_hash else None, text,
+                   list(metadata.get("classes") or []))
 
 
 # --- image files --------------------------------------------------------------------------------
@@ -137,7 +208,7 @@ class Embedded:
 
 
 def embed_files(encoder: Encoder, files: Sequence[Path], batch_size: int = 256,
-                progress: bool = True) -> Embedded:
+                progress: bool = True, output: str = OUTPUT_NAME) -> Embedded:
     """Decode and embed ``files`` a batch at a time; undecodable files are reported and skipped."""
     kept: list[Path] = []
     chunks: list[np.ndarray] = []
@@ -154,7 +225,7 @@ def embed_files(encoder: Encoder, files: Sequence[Path], batch_size: int = 256,
                 tqdm.write(f"skipped {path}: {first_line(exc)}", file=sys.stderr)
             bar.update()
         if images:
-            chunks.append(encoder.embed(np.stack(images), batch_size))
+            chunks.append(encoder.embed(np.stack(images), batch_size, output))
     bar.close()
     if not kept:
         raise ConfigError(f"none of the {len(files)} files is a readable image")

@@ -96,6 +96,10 @@ class Layout:
         return self._at(paths.ONNX)
 
     @property
+    def text_onnx_dir(self) -> Path:
+        return self._at(paths.TEXT_ONNX_DIR)
+
+    @property
     def export_metrics(self) -> Path:
         return self._at(paths.EXPORT_METRICS)
 

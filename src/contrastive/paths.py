@@ -31,6 +31,9 @@ EMBEDDING_PLOT = "plots/embedding.png"
 ANOMALY_PLOT = "plots/anomaly.png"
 
 ONNX = "models/encoder.onnx"
+TEXT_ONNX_DIR = "models/text"
+"""The text tower of an image-text model: ``text.onnx``, ``tokenizer.json`` and ``text.json``
+(for an image-only model, ``text.json`` alone, saying there is none: DVC needs the folder)."""
 EXPORT_METRICS = "metrics/export.json"
 EXPORT_REPORT = "reports/export.json"
 

@@ -7,13 +7,15 @@ Every pipeline state becomes one version of ``registry.model_name``, found again
 - ``challenger``: the latest version that passed the export checks;
 - ``previous-champion``: the champion that the current one replaced (what ``rollback`` restores).
 
-The gate (:func:`decide`, a pure function) promotes a version only if its linear-probe top-1 beats
-the champion's by at least ``registry.min_improvement`` on the same evaluation (prepared data and
-probe settings). If the champion was measured on another evaluation, it is first scored again on
-this one, through its registered ONNX model and the probe stage's own :func:`evaluate_features`;
-if that is impossible the gate refuses. A version whose ONNX parity failed or whose metrics are
-missing is never promoted. The decision and its reason are tags on the version (``gate.*``) and go
-into ``reports/registry.json``.
+The gate (:func:`decide`, a pure function) promotes a version only if its top-1 beats the
+champion's by at least ``registry.min_improvement`` on the same evaluation (prepared data and
+probe settings): the linear-probe top-1, or for an image-text (``clip``) model the zero-shot top-1
+(``gate_metric`` names which); models ranked by different figures are not compared. If the
+champion was measured on another evaluation, it is first scored again on this one, through its
+registered ONNX model and the probe stage's own :func:`evaluate_features` (or the prompt
+ensemble of :mod:`contrastive.classify`); if that is impossible the gate refuses. A version whose
+ONNX parity failed or whose metrics are missing is never promoted. The decision and its reason
+are tags on the version (``gate.*``) and go into ``reports/registry.json``.
 
 Guarantees. A registration holds the store (:func:`~contrastive.store.registry_lock`) from the
 moment it opens it (which creates the schema of a new one) until its aliases are set, so
@@ -57,6 +59,8 @@ CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 AUDIT = "audit."  # registered-model tags audit.000001, audit.000002, ...: the manual decisions
 PREPARED = paths.PREPARED
 TOLERANCE = 1e-9  # a gain equal to min_improvement passes despite float rounding
+LINEAR, ZERO_SHOT = "linear_top1", "zero_shot_top1"
+"""The gate's figures (``gate_metric``): image-only models, and image-text (clip) models."""
 
 
 # --- the gate -----------------------------------------------------------------------------------
@@ -70,29 +74,33 @@ class RescoreError(Exception):
 class Candidate:
     """What the gate needs to know about the version being registered."""
 
-    linear_top1: float | None
+    top1: float | None
+    """Its figure in ``metric`` (metrics/probe.json), on the evaluation ``eval_key``."""
     eval_key: str
     parity_ok: bool
     collapse: str | None = None
     """Why pretraining judged the representation collapsed (metrics/pretrain.json), or None."""
+    metric: str = LINEAR
 
 
 @dataclass(frozen=True)
 class Champion:
-    """The current champion and its linear-probe top-1 on each evaluation it was measured on."""
+    """The current champion and its top-1 (in ``metric``) on each evaluation it was measured on."""
 
     version: str
-    top1: dict[str, float] = field(default_factory=dict)  # eval key -> linear top-1
+    top1: dict[str, float] = field(default_factory=dict)  # eval key -> top-1
+    metric: str = LINEAR
 
     @classmethod
     def of(cls, version: Any) -> Champion:
         """From a registered version's tags: its own score and any re-scores on other data."""
         tags = version.tags
+        metric = tags.get("gate_metric", LINEAR)
         top1 = {k.removeprefix("rescored."): float(v) for k, v in tags.items()
                 if k.startswith("rescored.")}
-        if "eval_key" in tags and _number(tags.get("linear_top1")) is not None:
-            top1[tags["eval_key"]] = float(tags["linear_top1"])
-        return cls(str(version.version), top1)
+        if "eval_key" in tags and _number(tags.get(metric)) is not None:
+            top1[tags["eval_key"]] = float(tags[metric])
+        return cls(str(version.version), top1, metric)
 
 
 @dataclass(frozen=True)
@@ -126,13 +134,18 @@ def decide(candidate: Candidate, champion: Champion | None, min_improvement: flo
     if not candidate.parity_ok:
         return Decision("rejected", "the ONNX export failed its parity check against torch "
                         "(metrics/export.json); such a version is never promoted")
-    top1 = candidate.linear_top1
+    top1, metric = candidate.top1, candidate.metric
     if top1 is None or not math.isfinite(top1):
-        return Decision("rejected", "the linear-probe top-1 is missing from metrics/probe.json; "
+        return Decision("rejected", f"the {metric} is missing from metrics/probe.json; "
                         "such a version is never promoted")
     if champion is None:
         return Decision("promoted", "first model: there was no champion yet")
     v = champion.version
+    if champion.metric != metric:
+        return Decision("refused", f"champion v{v} is ranked by {champion.metric}, this version "
+                        f"by {metric} (image-text models by their zero-shot top-1): no fair "
+                        "comparison; champion unchanged (`contrastive registry promote` can "
+                        "choose)", v)
     if candidate.eval_key in champion.top1:
         reference, where = champion.top1[candidate.eval_key], "on the same evaluation data"
     else:
@@ -143,7 +156,8 @@ def decide(candidate: Candidate, champion: Champion | None, min_improvement: flo
                             f"could not be scored on this data ({exc}); champion unchanged", v)
         where = "re-scored on this evaluation data"
     gain = top1 - reference
-    comparison = (f"linear top-1 {top1:.4f} vs champion v{v} {reference:.4f} ({where}): "
+    label = "linear top-1" if metric == LINEAR else "zero-shot top-1"
+    comparison = (f"{label} {top1:.4f} vs champion v{v} {reference:.4f} ({where}): "
                   f"{gain:+.4f}")
     if gain >= min_improvement - TOLERANCE:
         return Decision("promoted", f"{comparison} >= registry.min_improvement "
@@ -220,6 +234,8 @@ def create_version(client: Any, name: str, run: RunRecord, snapshot: Snapshot) -
         "eval_key": snapshot.eval_key,
         "linear_top1": str(snapshot.linear_top1),
         "knn_top1": str(probe.get("knn_top1")),
+        "gate_metric": snapshot.gate_metric,
+        snapshot.gate_metric: str(probe.get(snapshot.gate_metric)),
         "max_abs_diff": str(snapshot.metrics["export"].get("max_abs_diff")),
         "parity_ok": str(snapshot.parity_ok).lower(),
         "pytorch_model_uri": run.pytorch_model_uri,
@@ -227,7 +243,8 @@ def create_version(client: Any, name: str, run: RunRecord, snapshot: Snapshot) -
     version = mlflow.register_model(run.onnx_model_uri, name, tags=tags)
     p, m = snapshot.params, snapshot.manifest
     description = (f"{p.model.encoder} on {m.get('source')} ({m.get('image_size')} px), "
-                   f"{p.train.epochs} epochs; linear top-1 {snapshot.linear_top1}; "
+                   f"{p.train.epochs} epochs, {p.train.method}; {snapshot.gate_metric} "
+                   f"{probe.get(snapshot.gate_metric)}; "
                    f"git {snapshot.tags.get('git.commit', 'unknown')[:12]}")
     client.update_model_version(name, version.version, description=description)
     return client.get_model_version(name, version.version)
@@ -264,7 +281,8 @@ def apply_gate(client: Any, name: str, version: Any, candidate: Candidate, param
 
         def rescore() -> float:
             assert champion is not None  # decide() only re-scores an existing champion
-            value = rescore_version(name, str(champion.version), params, prepared_dir)
+            value = rescore_version(name, str(champion.version), params, prepared_dir,
+                                    candidate.metric)
             client.set_model_version_tag(name, champion.version,
                                          f"rescored.{candidate.eval_key}", str(value))
             return value
@@ -289,9 +307,10 @@ def apply_gate(client: Any, name: str, version: Any, candidate: Candidate, param
 
 
 def rescore_version(name: str, version: str, params: Params,
-                    prepared_dir: str | Path = PREPARED) -> float:
+                    prepared_dir: str | Path = PREPARED, metric: str = LINEAR) -> float:
     """Linear-probe top-1 of registered ``version`` on the prepared data, fitted as the probe
-    stage fits it (same splits, settings and seed); :class:`RescoreError` if impossible."""
+    stage fits it (same splits, settings and seed), or its zero-shot top-1 on the test split
+    with the prepared data's class names; :class:`RescoreError` if impossible."""
     import torch
 
     from contrastive.data import SPLITS, load_manifest, load_split
@@ -305,6 +324,8 @@ def rescore_version(name: str, version: str, params: Params,
         if encoder.input_size != size:
             raise RescoreError(f"it takes {encoder.input_size}x{encoder.input_size} images, "
                                f"the data are {size}x{size}")
+        if metric == ZERO_SHOT:
+            return _zero_shot_top1(encoder, manifest["classes"], prepared_dir)
         splits = {s: load_split(prepared_dir, s) for s in SPLITS}
         features = [torch.from_numpy(encoder.embed(x, params.probe.batch_size))
                     for x, _ in splits.values()]
@@ -316,6 +337,18 @@ def rescore_version(name: str, version: str, params: Params,
     except Exception as exc:  # whatever stops the re-score makes the comparison impossible
         raise RescoreError(first_line(exc)) from exc
     return float(metrics["linear_top1"])
+
+
+def _zero_shot_top1(encoder: Any, classes: list[str], prepared_dir: str | Path) -> float:
+    """The share of test images whose nearest class prompt ensemble is their class."""
+    from contrastive.classify import label_embeddings
+    from contrastive.data import load_split
+
+    if encoder.text is None:
+        raise RescoreError("it has no text tower, so no zero-shot top-1")
+    images, labels = load_split(prepared_dir, "test")
+    scores = encoder.embed_shared(images) @ label_embeddings(encoder.texts(), classes).T
+    return float((scores.argmax(axis=1) == labels).mean())
 
 
 # --- the register stage -------------------------------------------------------------------------
@@ -340,8 +373,8 @@ def register(params: Params, root: str | Path = ".") -> dict[str, Any]:
         new_version = version is None
         if version is None:
             version = create_version(client, name, run, snapshot)
-        candidate = Candidate(snapshot.linear_top1, snapshot.eval_key, snapshot.parity_ok,
-                              snapshot.collapse)
+        candidate = Candidate(snapshot.gate_top1, snapshot.eval_key, snapshot.parity_ok,
+                              snapshot.collapse, snapshot.gate_metric)
         decision = apply_gate(client, name, version, candidate, params, root / PREPARED)
         number = str(version.version)
         aliases = sorted(client.get_model_version(name, number).aliases)
@@ -354,6 +387,8 @@ def register(params: Params, root: str | Path = ".") -> dict[str, Any]:
         "decision": decision.outcome,
         "reason": decision.reason,
         "linear_top1": snapshot.linear_top1,
+        "gate_metric": snapshot.gate_metric,
+        snapshot.gate_metric: snapshot.gate_top1,
         "champion": _champion_summary(champion, number, snapshot, decision),
         "min_improvement": params.registry.min_improvement,
         "pipeline_state": snapshot.state_key,
@@ -367,20 +402,21 @@ def register(params: Params, root: str | Path = ".") -> dict[str, Any]:
 
 def _champion_summary(champion: Any | None, number: str, snapshot: Snapshot,
                       decision: Decision) -> dict[str, Any] | None:
-    """The champion after the decision and its top-1: on this evaluation data when known
-    (``same_evaluation``), else on the data it was measured on."""
+    """The champion after the decision and its top-1 in its gate metric: on this evaluation data
+    when known (``same_evaluation``), else on the data it was measured on."""
     if champion is None:
         return None
     if str(champion.version) == number:
-        return {"version": int(number), "linear_top1": snapshot.linear_top1,
+        return {"version": int(number), snapshot.gate_metric: snapshot.gate_top1,
                 "same_evaluation": True}
-    top1 = Champion.of(champion).top1.get(snapshot.eval_key)
+    known = Champion.of(champion)
+    top1 = known.top1.get(snapshot.eval_key)
     if top1 is None and decision.compared_with == str(champion.version):
         top1 = decision.reference_top1
     if top1 is not None:
-        return {"version": int(champion.version), "linear_top1": top1, "same_evaluation": True}
-    own = _number(champion.tags.get("linear_top1"))
-    return {"version": int(champion.version), "linear_top1": own, "same_evaluation": False}
+        return {"version": int(champion.version), known.metric: top1, "same_evaluation": True}
+    own = _number(champion.tags.get(known.metric))
+    return {"version": int(champion.version), known.metric: own, "same_evaluation": False}
 
 
 # --- commands for people ------------------------------------------------------------------------

@@ -25,6 +25,8 @@ PAD, SOS, EOS, UNK = "[PAD]", "[SOS]", "[EOS]", "[UNK]"
 SPECIAL_TOKENS = (PAD, SOS, EOS, UNK)
 """In id order: ``[PAD]`` is 0, ``[SOS]`` 1, ``[EOS]`` 2, ``[UNK]`` 3."""
 PAD_ID, SOS_ID, EOS_ID, UNK_ID = range(4)
+TOKENIZER_FILE = "tokenizer.json"
+"""The tokenizer's file name, in the prepared data and beside the exported text tower."""
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
 """The special tokens and the 256 bytes; merges learned from the captions come on top."""
 
@@ -74,6 +76,16 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int) -> Tokenizer:
         single=f"{SOS} $A {EOS}", special_tokens=[(SOS, SOS_ID), (EOS, EOS_ID)]
     )
     return tok
+
+
+def for_model(tok: Tokenizer, context_length: int) -> Tokenizer:
+    """A copy of ``tok`` that truncates and pads to ``context_length`` itself, so that
+    ``[e.ids for e in tok.encode_batch(captions)]`` is what :func:`encode` gives: the file saved
+    beside an exported text tower, for consumers with the tokenizers library alone."""
+    ready = Tokenizer.from_str(tok.to_str())
+    ready.enable_truncation(max_length=context_length)  # keeps room for [SOS] and [EOS]
+    ready.enable_padding(length=context_length, pad_id=PAD_ID, pad_token=PAD)
+    return ready
 
 
 def clean(tok: Tokenizer, caption: str) -> str:

@@ -32,11 +32,15 @@ from contrastive.config import ConfigError, Params, flatten, params_hash
 from contrastive.provenance import UPSTREAM_STAGES, dvc_lock_hashes, git_state
 from contrastive.store import logged_params
 
+TEXT_INFO = f"{paths.TEXT_ONNX_DIR}/text.json"
+TEXT_ONNX = f"{paths.TEXT_ONNX_DIR}/text.onnx"
+"""An image-text model's text tower, beside its tokenizer; absent for an image-only model."""
 # What the register stage reads: declared as its deps in dvc.yaml, hashed into the state key.
 INPUTS = {
     "manifest": paths.MANIFEST,
     "encoder": paths.ENCODER,
     "onnx": paths.ONNX,
+    "text_info": TEXT_INFO,
     "pretrain": paths.PRETRAIN_METRICS,
     "probe": paths.PROBE_METRICS,
     "export": paths.EXPORT_METRICS,
@@ -92,6 +96,19 @@ class Snapshot:
     def linear_top1(self) -> float | None:
         """The candidate's linear-probe top-1 on test, or None when missing."""
         value = self.metrics["probe"].get("pretrained", {}).get("linear_top1")
+        return float(value) if isinstance(value, int | float) else None
+
+    @property
+    def gate_metric(self) -> str:
+        """What the registry gate ranks this model by: the zero-shot top-1 of an image-text
+        model (its probe measured one), else the linear-probe top-1."""
+        return "zero_shot_top1" if "zero_shot_top1" in self.metrics["probe"].get(
+            "pretrained", {}) else "linear_top1"
+
+    @property
+    def gate_top1(self) -> float | None:
+        """The candidate's figure in :attr:`gate_metric` on test, or None when missing."""
+        value = self.metrics["probe"].get("pretrained", {}).get(self.gate_metric)
         return float(value) if isinstance(value, int | float) else None
 
     @property
@@ -159,6 +176,8 @@ def state_key(params: Params, manifest: dict[str, Any], metrics: dict[str, dict[
                    if key.split(".")[0] not in ("registry", "schedule")},
         "data_hash": manifest.get("data_hash"),
     }
+    if (root / TEXT_ONNX).is_file():  # the text tower's weights are not in the encoder's state
+        identity["text_onnx"] = hashlib.sha256((root / TEXT_ONNX).read_bytes()).hexdigest()
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -176,11 +195,15 @@ def weights_digest(encoder_path: Path) -> str:
 
 def parity_ok(export: dict[str, Any], atol: float) -> bool:
     """Whether metrics/export.json says onnxruntime matched torch within ``atol`` and the probe
-    agreed on every image."""
+    agreed on every image; for an image-text model, on its ``image_embeds`` and its text tower
+    too."""
     diff, agreement = export.get("max_abs_diff"), export.get("prediction_agreement")
     if not isinstance(diff, int | float) or not isinstance(agreement, int | float):
         return False
-    return diff <= atol and agreement == 1.0
+    diffs = [diff]
+    if "text" in export:
+        diffs += [export.get("image_embeds_max_abs_diff"), export["text"].get("max_abs_diff")]
+    return all(isinstance(d, int | float) and d <= atol for d in diffs) and agreement == 1.0
 
 
 def _read_history(history_csv: Path, knn_csv: Path) -> list[dict[str, float]]:
@@ -339,7 +362,7 @@ def _log_models(root: Path, anomaly_k: int = 2) -> tuple[str, str]:
     """
     import mlflow
     import torch
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature, infer_signature
 
     from contrastive.data import load_split
     from contrastive.export import INPUT_NAME, OUTPUT_NAME, EmbeddingModel, ort_session
@@ -350,16 +373,23 @@ def _log_models(root: Path, anomaly_k: int = 2) -> tuple[str, str]:
     if len(images) < 2:
         images = np.repeat(images, 2, axis=0)
     embeddings = ort_session(onnx_path).run([OUTPUT_NAME], {INPUT_NAME: images})[0]
-    signature = infer_signature(images, {"embeddings": embeddings},
-                                params={"neighbours": 0, "anomaly": False})
+    options = {"neighbours": 0, "anomaly": False}
+    signature = infer_signature(images, {"embeddings": embeddings}, params=options)
+    artifacts, example, pins = {}, (images, options), _pins("onnxruntime", "numpy")
+    if (root / TEXT_ONNX).is_file():
+        # {"images": ...} or {"texts": [...]} or both: no tensor schema can leave either out,
+        # so the signature holds only the params and the service checks its input itself.
+        signature = ModelSignature(inputs=None, params=signature.params)
+        artifacts["text"] = str(root / paths.TEXT_ONNX_DIR)
+        example = ({"images": images, "texts": np.array(["a photo of a cat."])}, options)
+        pins += _pins("tokenizers")
     with tempfile.TemporaryDirectory(prefix="contrastive-reference-") as folder:
         reference = Path(folder) / "reference.npz"
         _write_reference(reference, root, onnx_path, anomaly_k)
         onnx_info = mlflow.pyfunc.log_model(
             name="encoder-onnx", python_model=str(SERVICE), signature=signature,
-            artifacts={"encoder": str(onnx_path), "reference": str(reference)},
-            input_example=(images, {"neighbours": 0, "anomaly": False}),
-            pip_requirements=_pins("onnxruntime", "numpy"),
+            artifacts={"encoder": str(onnx_path), "reference": str(reference), **artifacts},
+            input_example=example, pip_requirements=pins,
         )
     model = EmbeddingModel(*load_encoder(root / INPUTS["encoder"])).eval()
     with torch.inference_mode():
