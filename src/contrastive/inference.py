@@ -34,11 +34,11 @@ from contrastive.export import (
     ort_session,
 )
 from contrastive.files import atomic_path
+from contrastive.paths import TEXT_ONNX_DIR, TEXT_ONNX_FILE
 from contrastive.store import connect, first_line, mlflow_errors
+from contrastive.text import TOKENIZER_FILE
 
 OUTPUT_FORMATS = (".npy", ".parquet")
-TEXT_ONNX = "text.onnx"
-TOKENIZER = "tokenizer.json"
 
 
 @dataclass
@@ -138,13 +138,13 @@ def _onnx_files(path: Path, name: str) -> tuple[Path, Path | None]:
     """The image model and, when there is one, the text tower: a file and the project's
     ``models/text/text.onnx`` beside it, or a model folder's ``.onnx`` files."""
     if path.is_file():
-        text = path.parent / "text" / TEXT_ONNX
+        text = path.parent / Path(TEXT_ONNX_DIR).name / TEXT_ONNX_FILE
         return path, text if text.is_file() else None
     found = sorted(path.rglob("*.onnx"))
-    images = [f for f in found if f.name != TEXT_ONNX]
+    images = [f for f in found if f.name != TEXT_ONNX_FILE]
     if not images:
         raise ConfigError(f"--model {name}: holds no .onnx file")
-    texts = [f for f in found if f.name == TEXT_ONNX]
+    texts = [f for f in found if f.name == TEXT_ONNX_FILE]
     return images[0], texts[0] if texts else None
 
 
@@ -169,9 +169,9 @@ def _open(onnx_path: Path, text_path: Path | None, source: str) -> Encoder:
     if text_path is not None and IMAGE_EMBEDS in outputs:
         from tokenizers import Tokenizer
 
-        tokenizer = text_path.parent / TOKENIZER
+        tokenizer = text_path.parent / TOKENIZER_FILE
         if not tokenizer.is_file():
-            raise ConfigError(f"--model {source}: {TOKENIZER} missing beside {TEXT_ONNX}")
+            raise ConfigError(f"--model {source}: {TOKENIZER_FILE} missing beside {TEXT_ONNX_FILE}")
         text = TextEncoder(_session(text_path, source), Tokenizer.from_file(str(tokenizer)))
     return Encoder(session, size, source, str(params_hash) if params_hash else None, text,
                    list(metadata.get("classes") or []))

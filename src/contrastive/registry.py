@@ -53,14 +53,20 @@ from contrastive.store import (
     registry_lock,
     tracking_uri,
 )
-from contrastive.tracking import STATE_TAG, RunRecord, Snapshot, find_or_log_run, read_snapshot
+from contrastive.tracking import (
+    LINEAR,
+    STATE_TAG,
+    ZERO_SHOT,
+    RunRecord,
+    Snapshot,
+    find_or_log_run,
+    read_snapshot,
+)
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 AUDIT = "audit."  # registered-model tags audit.000001, audit.000002, ...: the manual decisions
 PREPARED = paths.PREPARED
 TOLERANCE = 1e-9  # a gain equal to min_improvement passes despite float rounding
-LINEAR, ZERO_SHOT = "linear_top1", "zero_shot_top1"
-"""The gate's figures (``gate_metric``): image-only models, and image-text (clip) models."""
 
 
 # --- the gate -----------------------------------------------------------------------------------

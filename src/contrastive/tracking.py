@@ -32,9 +32,11 @@ from contrastive.config import ConfigError, Params, flatten, params_hash
 from contrastive.provenance import UPSTREAM_STAGES, dvc_lock_hashes, git_state
 from contrastive.store import logged_params
 
-TEXT_INFO = f"{paths.TEXT_ONNX_DIR}/text.json"
-TEXT_ONNX = f"{paths.TEXT_ONNX_DIR}/text.onnx"
+TEXT_INFO = f"{paths.TEXT_ONNX_DIR}/{paths.TEXT_INFO_FILE}"
+TEXT_ONNX = f"{paths.TEXT_ONNX_DIR}/{paths.TEXT_ONNX_FILE}"
 """An image-text model's text tower, beside its tokenizer; absent for an image-only model."""
+LINEAR, ZERO_SHOT = "linear_top1", "zero_shot_top1"
+"""The registry gate's figures (``gate_metric``): image-only models, image-text (clip) models."""
 # What the register stage reads: declared as its deps in dvc.yaml, hashed into the state key.
 INPUTS = {
     "manifest": paths.MANIFEST,
@@ -95,15 +97,14 @@ class Snapshot:
     @property
     def linear_top1(self) -> float | None:
         """The candidate's linear-probe top-1 on test, or None when missing."""
-        value = self.metrics["probe"].get("pretrained", {}).get("linear_top1")
+        value = self.metrics["probe"].get("pretrained", {}).get(LINEAR)
         return float(value) if isinstance(value, int | float) else None
 
     @property
     def gate_metric(self) -> str:
         """What the registry gate ranks this model by: the zero-shot top-1 of an image-text
         model (its probe measured one), else the linear-probe top-1."""
-        return "zero_shot_top1" if "zero_shot_top1" in self.metrics["probe"].get(
-            "pretrained", {}) else "linear_top1"
+        return ZERO_SHOT if ZERO_SHOT in self.metrics["probe"].get("pretrained", {}) else LINEAR
 
     @property
     def gate_top1(self) -> float | None:

@@ -23,10 +23,9 @@ from contrastive.export import Exported, check_inputs, export_encoder, export_te
 from contrastive.files import atomic_path, write_json
 from contrastive.layout import Layout
 from contrastive.models import EncoderInfo, TextSide, load_encoder, load_probe, load_text_side
+from contrastive.paths import TEXT_INFO_FILE, TEXT_ONNX_FILE
 from contrastive.text import TOKENIZER_FILE, for_model, save_tokenizer
 
-TEXT_ONNX = "text.onnx"
-TEXT_INFO = "text.json"
 MAX_PARITY_TEXTS = 2048
 """The text tower's parity check: the class prompts and at most this many distinct test captions."""
 
@@ -74,13 +73,13 @@ def write_text_folder(folder: Path, side: TextSide | None, text: Exported | None
     image-only model ``text.json`` alone."""
     folder.mkdir()
     if side is None or text is None:
-        write_json(folder / TEXT_INFO, {"text_tower": None,
+        write_json(folder / TEXT_INFO_FILE, {"text_tower": None,
                                         "why": "only train.method clip learns a text tower"})
         return
-    (folder / TEXT_ONNX).write_bytes(text.model_bytes)
+    (folder / TEXT_ONNX_FILE).write_bytes(text.model_bytes)
     save_tokenizer(for_model(side.tokenizer, side.config.context_length), folder / TOKENIZER_FILE)
-    write_json(folder / TEXT_INFO, {
-        "text_tower": side.kind, "onnx": TEXT_ONNX, "tokenizer": TOKENIZER_FILE,
+    write_json(folder / TEXT_INFO_FILE, {
+        "text_tower": side.kind, "onnx": TEXT_ONNX_FILE, "tokenizer": TOKENIZER_FILE,
         "context_length": side.config.context_length,
         "input": "int64 (N, context_length): [SOS] tokens [EOS], right-padded with 0, as "
                  "tokenizer.json's encode_batch gives them (it truncates and pads)",
