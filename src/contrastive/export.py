@@ -47,6 +47,8 @@ IMAGE_EMBEDS = "image_embeds"
 TOKENS_NAME = "tokens"
 TEXT_EMBEDS = "text_embeds"
 """The text tower's output: unit embeddings of ``int64 (N, context_length)`` token ids."""
+TEXT_ONNX_FILE, TEXT_INFO_FILE = "text.onnx", "text.json"
+"""The text tower's files in its folder (``paths.TEXT_ONNX_DIR``), beside the tokenizer."""
 BATCH_SIZE = 256
 """Batch size of the parity check and of the large-batch latency measurement."""
 

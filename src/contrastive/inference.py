@@ -29,12 +29,13 @@ from contrastive.export import (
     INPUT_NAME,
     OUTPUT_NAME,
     TEXT_EMBEDS,
+    TEXT_ONNX_FILE,
     TOKENS_NAME,
     onnx_metadata,
     ort_session,
 )
 from contrastive.files import atomic_path
-from contrastive.paths import TEXT_ONNX_DIR, TEXT_ONNX_FILE
+from contrastive.paths import TEXT_ONNX_DIR
 from contrastive.store import connect, first_line, mlflow_errors
 from contrastive.text import TOKENIZER_FILE
 

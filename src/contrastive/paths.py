@@ -34,8 +34,6 @@ ONNX = "models/encoder.onnx"
 TEXT_ONNX_DIR = "models/text"
 """The text tower of an image-text model: ``text.onnx``, ``tokenizer.json`` and ``text.json``
 (for an image-only model, ``text.json`` alone, saying there is none: DVC needs the folder)."""
-TEXT_ONNX_FILE = "text.onnx"
-TEXT_INFO_FILE = "text.json"
 EXPORT_METRICS = "metrics/export.json"
 EXPORT_REPORT = "reports/export.json"
 

@@ -32,8 +32,9 @@ from contrastive.config import ConfigError, Params, flatten, params_hash
 from contrastive.provenance import UPSTREAM_STAGES, dvc_lock_hashes, git_state
 from contrastive.store import logged_params
 
-TEXT_INFO = f"{paths.TEXT_ONNX_DIR}/{paths.TEXT_INFO_FILE}"
-TEXT_ONNX = f"{paths.TEXT_ONNX_DIR}/{paths.TEXT_ONNX_FILE}"
+# export.TEXT_INFO_FILE and TEXT_ONNX_FILE (not imported: export pulls in torch and onnx)
+TEXT_INFO = f"{paths.TEXT_ONNX_DIR}/text.json"
+TEXT_ONNX = f"{paths.TEXT_ONNX_DIR}/text.onnx"
 """An image-text model's text tower, beside its tokenizer; absent for an image-only model."""
 LINEAR, ZERO_SHOT = "linear_top1", "zero_shot_top1"
 """The registry gate's figures (``gate_metric``): image-only models, image-text (clip) models."""

@@ -19,11 +19,17 @@ from typing import Any
 from contrastive.captions import templated_captions
 from contrastive.config import ConfigError, Params
 from contrastive.data import load_captions, load_split
-from contrastive.export import Exported, check_inputs, export_encoder, export_text_tower
+from contrastive.export import (
+    TEXT_INFO_FILE,
+    TEXT_ONNX_FILE,
+    Exported,
+    check_inputs,
+    export_encoder,
+    export_text_tower,
+)
 from contrastive.files import atomic_path, write_json
 from contrastive.layout import Layout
 from contrastive.models import EncoderInfo, TextSide, load_encoder, load_probe, load_text_side
-from contrastive.paths import TEXT_INFO_FILE, TEXT_ONNX_FILE
 from contrastive.text import TOKENIZER_FILE, for_model, save_tokenizer
 
 MAX_PARITY_TEXTS = 2048
