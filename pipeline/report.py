@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from contrastive import paths
+from contrastive.tracking import GATE_LABELS
 from pipeline.stages import StageStatus
 
 REGISTER_STAGE = "register"
@@ -44,9 +45,11 @@ class Registration:
     tracking_uri: str
     new_version: bool
     aliases: list[str] = field(default_factory=list)
-    linear_top1: float | None = None
+    gate_metric: str = "linear_top1"
+    """What the gate ranked the version by: linear_top1, zero_shot_top1 or mean_recall_at_1."""
+    top1: float | None = None
     champion_version: int | None = None
-    champion_linear_top1: float | None = None
+    champion_top1: float | None = None
 
     @classmethod
     def read(cls, path: Path) -> Registration | None:
@@ -55,6 +58,7 @@ class Registration:
             return None
         raw: dict[str, Any] = json.loads(path.read_text())
         champion = raw.get("champion") or {}
+        metric = raw.get("gate_metric", "linear_top1")
         return cls(
             version=raw["version"],
             decision=raw["decision"],
@@ -63,9 +67,10 @@ class Registration:
             tracking_uri=raw["tracking_uri"],
             new_version=raw.get("new_version", True),
             aliases=raw.get("aliases", []),
-            linear_top1=raw.get("linear_top1"),
+            gate_metric=metric,
+            top1=raw.get(metric),
             champion_version=champion.get("version"),
-            champion_linear_top1=champion.get("linear_top1"),
+            champion_top1=champion.get(metric),
         )
 
     @property
@@ -153,18 +158,21 @@ def markdown(result: RetrainResult) -> str:
 
 
 def _registry(result: RetrainResult) -> str:
-    """The gate's decision, this version's probe top-1 against the champion's, the MLflow run."""
+    """The gate's decision, this version's figure (its ``gate_metric``) against the champion's,
+    the MLflow run."""
     reg = result.registration
     if reg is None:
         return f"No registration: the pipeline has no `{REGISTER_STAGE}` stage output yet."
     aliases = f" ({', '.join(reg.aliases)})" if reg.aliases else ""
     text = f"version {reg.version}{aliases}: **{reg.decision}**. {reg.reason}."
-    if reg.linear_top1 is not None and reg.champion_version == reg.version:
-        text += f" Linear-probe top-1 {reg.linear_top1:.4f}: this version is the champion."
-    elif reg.linear_top1 is not None and reg.champion_linear_top1 is not None:
+    figure = GATE_LABELS.get(reg.gate_metric, reg.gate_metric)
+    figure = figure[0].upper() + figure[1:]
+    if reg.top1 is not None and reg.champion_version == reg.version:
+        text += f" {figure} {reg.top1:.4f}: this version is the champion."
+    elif reg.top1 is not None and reg.champion_top1 is not None:
         text += (
-            f" Linear-probe top-1 {reg.linear_top1:.4f} against the champion's"
-            f" {reg.champion_linear_top1:.4f} (version {reg.champion_version})."
+            f" {figure} {reg.top1:.4f} against the champion's"
+            f" {reg.champion_top1:.4f} (version {reg.champion_version})."
         )
     text += f" MLflow run [{reg.run_id}]({reg.run_url}) in `{reg.tracking_uri}`."
     if result.registered:

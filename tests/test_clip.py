@@ -207,18 +207,6 @@ def test_prepare_reads_a_caption_file_and_counts_what_it_skipped(workspace: Path
         f"a picture number {k}" for k in range(8))
 
 
-def test_a_caption_file_without_labels_stops_prepare_and_writes_nothing(
-    workspace: Path, capsys: pytest.CaptureFixture
-) -> None:
-    write_images(workspace / "pairs", ["a.png"])
-    (workspace / "pairs/captions.tsv").write_text("filepath\ttitle\na.png\ta picture\n")
-    write_params(workspace, {"data": {"source": "pairs", "path": "pairs/captions.tsv"}})
-    assert main(["prepare"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "captions.tsv: no 'label' column" in err and "\n" not in err
-    assert not Path("data/prepared").exists()
-
-
 # --- export, serving, search and classify ------------------------------------------------------
 
 
@@ -339,3 +327,105 @@ def test_texts_need_an_image_text_model(workspace: Path, capsys: pytest.CaptureF
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert "has no text tower" in err and "train.method: clip" in err and "\n" not in err
+
+
+# --- captions without labels (last: its register stage moves MLflow's global store) ---------
+
+
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def write_unlabelled_captions(folder: Path, count: int) -> Path:
+    """The layout of COCO/Flickr exports: ``count`` digit images as PNGs and a ``.tsv`` with two
+    captions per image (two rows) and no label column; the captions name the digit in words."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rows = ["filepath\ttitle"]
+    for i in range(count):
+        image = np.rint(digits.images[i] * 255 / 16).astype(np.uint8)
+        Image.fromarray(image).save(folder / f"{i}.png")
+        word = WORDS[digits.target[i]]
+        rows += [f"{i}.png\ta handwritten {word}", f"{i}.png\tthe number {word} on a scan"]
+    path = folder / "captions.tsv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def unlabelled_run(tmp_path_factory: pytest.TempPathFactory,
+                   mlflow_template: Path) -> Iterator[Path]:
+    """Every stage with clip on a caption file without labels, into the run's own MLflow store
+    (the folder and the store are set only while the stages run: the tests read the files)."""
+    root = tmp_path_factory.mktemp("unlabelled")
+    (root / "pairs").mkdir()
+    write_unlabelled_captions(root / "pairs", 600)
+    write_params(root, {**CLIP, "data": {"source": "pairs", "path": "pairs/captions.tsv",
+                                         "vocab_size": 300, "image_size": 8},
+                        "train": {**CLIP["train"], "batch_size": 64, "epochs": 20}})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", new_store(mlflow_template, root / "store"))
+        for stage in ("prepare", "pretrain", "probe", "export", "register"):
+            assert main([stage]) == 0, stage
+    yield root
+
+
+def test_captions_without_labels_are_split_as_one_pool(unlabelled_run: Path) -> None:
+    prepared = unlabelled_run / "data/prepared"
+    manifest = load_manifest(prepared)
+    assert manifest["classes"] == [] and manifest["num_classes"] == 0
+    assert manifest["totals"]["all"] == 600 and manifest["totals"]["test"] == 120  # 0.2 of 600
+    seen = set()
+    for split in ("train", "val", "test"):
+        x, y = load_split(prepared, split)
+        assert (y == -1).all() and manifest["counts"][split] == {}
+        images = {image.tobytes() for image in x}
+        assert not images & seen  # no image in two splits
+        seen |= images
+        assert all(len(own) == 2 for own in load_captions(prepared)[split])
+
+
+def test_without_labels_clip_is_measured_by_recall_and_gated_on_it(unlabelled_run: Path) -> None:
+    def read(name: str) -> dict:
+        return json.loads((unlabelled_run / name).read_text())
+
+    probe = read("metrics/probe.json")
+    pretrained, random_init = probe["pretrained"], probe["random_init"]
+    assert "linear_top1" not in pretrained and "zero_shot_top1" not in pretrained
+    assert "raw_pixels" not in probe and "knn_k" not in probe
+    assert pretrained["mean_recall_at_1"] == pytest.approx(
+        (pretrained["image_to_text_recall_at_1"] + pretrained["text_to_image_recall_at_1"]) / 2,
+        abs=1e-6)
+    assert pretrained["mean_recall_at_1"] > random_init["mean_recall_at_1"] + 0.2
+    assert set(probe["gain_over_random"]) == {"image_to_text_recall_at_1",
+                                              "text_to_image_recall_at_1", "mean_recall_at_1"}
+    assert Path(unlabelled_run, "plots/confusion.csv").read_text().strip() == "actual,predicted"
+    for plot in ("confusion.png", "anomaly.png", "embedding.png"):
+        assert Path(unlabelled_run, "plots", plot).stat().st_size > 0
+    assert read("metrics/pretrain.json")["knn_val_top1"] is None
+
+    export = read("metrics/export.json")
+    assert "prediction_agreement" not in export and export["text"]["max_abs_diff"] <= 1e-4
+    registered = read("reports/registry.json")
+    assert registered["gate_metric"] == "mean_recall_at_1" and registered["decision"] == "promoted"
+    assert registered["mean_recall_at_1"] == pretrained["mean_recall_at_1"]
+    # the gate's re-score of a champion on other data: the same figure, through the ONNX files
+    from contrastive.registry import _mean_recall_at_1
+
+    onnx = load_model(str(unlabelled_run / "models/encoder.onnx"))
+    assert _mean_recall_at_1(onnx, unlabelled_run / "data/prepared") == pytest.approx(
+        pretrained["mean_recall_at_1"], abs=1e-5)
+
+
+def test_without_labels_only_clip_trains(unlabelled_run: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").symlink_to(unlabelled_run / "data")
+    write_params(tmp_path, {**CLIP, "train": {"method": "simclr"},
+                            "model": {"text_encoder": "none"}})
+    assert main(["pretrain"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.method: 'simclr'" in err and "no 'label' column" in err and "\n" not in err
+    assert not Path("models").exists()

@@ -62,7 +62,7 @@ def make_inputs(root: Path, encoder: str = "small_cnn", n_test: int = 300) -> di
              "prepared": layout.prepared, "onnx": layout.onnx,
              "metrics": layout.export_metrics, "report": layout.export_report}
     save_encoder(paths["encoder"], net, info)
-    save_probe(paths["probe"], probe)
+    save_probe(paths["probe"], probe, probe.linear.in_features)
     rng = np.random.default_rng(0)
     paths["prepared"].mkdir(parents=True)
     for split, n in (("train", 10), ("test", n_test)):

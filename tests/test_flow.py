@@ -377,3 +377,15 @@ def test_refresh_checks_the_dvc_remote_before_it_pulls(
         "dvc pull: DVC remote 'storage' (s3://bucket/dvc) has no credentials: set "
         "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
     )
+
+
+def test_the_summary_gives_the_figure_the_gate_ranked_by(tmp_path: Path) -> None:
+    from pipeline.report import Registration
+
+    report = {"version": 3, "decision": "kept", "reason": "too small a gain", "run_id": "r1",
+              "tracking_uri": "sqlite:///mlflow.db", "gate_metric": "zero_shot_top1",
+              "linear_top1": 0.9, "zero_shot_top1": 0.61,
+              "champion": {"version": 2, "zero_shot_top1": 0.6}}
+    (tmp_path / "registry.json").write_text(json.dumps(report))
+    result = RetrainResult([], {}, Registration.read(tmp_path / "registry.json"), 1.0)
+    assert "Zero-shot top-1 0.6100 against the champion's 0.6000 (version 2)" in markdown(result)

@@ -46,7 +46,7 @@ from contrastive.models import (
     save_encoder,
     save_probe,
 )
-from contrastive.registry import ZERO_SHOT, Candidate, Champion, RescoreError, decide
+from contrastive.registry import RECALL, ZERO_SHOT, Candidate, Champion, RescoreError, decide
 from contrastive.stages import export
 from tests.conftest import ROOT, new_store, write_params
 
@@ -160,6 +160,16 @@ def test_an_image_text_model_is_ranked_by_zero_shot_against_its_own_kind() -> No
         refused = decide(challenger, champion, 0.01, never)
         assert refused.outcome == "refused" and refused.eligible
         assert "ranked by" in refused.reason and "no fair comparison" in refused.reason
+
+
+def test_a_model_of_captions_without_labels_is_ranked_by_mean_recall() -> None:
+    recall = Champion("6", {}, RECALL)
+    rescored = decide(Candidate(0.52, SAME, True, None, RECALL), recall, 0.01, lambda: 0.50)
+    assert rescored.promoted and rescored.reference_top1 == 0.50
+    assert "mean Recall@1 0.5200 vs champion v6 0.5000 (re-scored" in rescored.reason
+    refused = decide(Candidate(0.9, SAME, True, None, RECALL), Champion("5", {SAME: 0.4},
+                                                                      ZERO_SHOT), 0.01, never)
+    assert refused.outcome == "refused" and "no fair comparison" in refused.reason
 
 
 def test_a_zero_shot_champions_score_comes_from_its_gate_metric_tag() -> None:
@@ -351,7 +361,7 @@ def make_project(root: Path) -> None:
                        embedding_dim=net.embedding_dim, classes=CLASSES, params_hash="0" * 16)
     models = root / "models"
     save_encoder(models / "encoder.pt", net, info)
-    save_probe(models / "probe.pt", LinearProbe(net.embedding_dim, 3))
+    save_probe(models / "probe.pt", LinearProbe(net.embedding_dim, 3), net.embedding_dim)
     export.run(parse_params({"export": {"latency_repeats": 2}}), Layout(root))
     write_json(root / "metrics" / "pretrain.json", {
         "final_loss": 4.2, "knn_val_top1": 0.4, "epochs": 3, "collapsed": False,

@@ -133,7 +133,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
     save_encoder(paths["encoder"], tiny_vit(), encoder_info())
     probe = LinearProbe(192, 3)
     probe.feature_std.fill_(0.1)  # spread the logits so the class check is not trivial
-    save_probe(paths["probe"], probe)
+    save_probe(paths["probe"], probe, probe.linear.in_features)
     rng = np.random.default_rng(0)
     paths["prepared"].mkdir(parents=True)
     x = rng.integers(0, 256, (40, SIZE, SIZE, 3), dtype=np.uint8)

@@ -8,11 +8,13 @@ cross-modal retrieval, as CLIP reports them (Radford et al. 2021, sections 3.1 a
   nearest captions; text-to-image, the share of captions with one of their images among the K
   nearest images. Each distinct caption counts once: with real captions (one image each) this
   is the usual protocol; with templated ones every image of a class owns its class's captions.
+  ``mean_recall_at_1``, the mean of the two Recall@1, ranks a model of captions without labels,
+  which have no classes for zero-shot.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,14 +67,23 @@ def recall_at(queries: torch.Tensor, gallery: torch.Tensor, relevant: torch.Tens
 def image_text_metrics(side: TextSide, features: torch.Tensor, labels: torch.Tensor,
                        classes: Sequence[str], captions: Sequence[Sequence[str]]
                        ) -> dict[str, float]:
-    """Zero-shot top-1/top-5 and Recall@1/5/10 both ways of the test images (their encoder
-    ``features`` and ``labels``) and their ``captions``."""
+    """Zero-shot top-1/top-5 (when there are ``classes``) and :func:`caption_recall` of the test
+    images (their encoder ``features`` and ``labels``) and their ``captions``, rounded."""
     images = embed_images(side, features)
-    scores = images @ class_embeddings(side, classes).T
-    metrics = {
-        "zero_shot_top1": topk_accuracy(scores, labels, 1),
-        "zero_shot_top5": topk_accuracy(scores, labels, 5),
-    }
+    metrics = {}
+    if classes:
+        scores = images @ class_embeddings(side, classes).T
+        metrics["zero_shot_top1"] = topk_accuracy(scores, labels, 1)
+        metrics["zero_shot_top5"] = topk_accuracy(scores, labels, 5)
+    metrics |= caption_recall(images, lambda texts: embed_texts(side, texts), captions)
+    return {name: round(value, 6) for name, value in metrics.items()}
+
+
+def caption_recall(images: torch.Tensor, embed: Callable[[list[str]], torch.Tensor],
+                   captions: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Recall@1/5/10 image-to-text and text-to-image of unit ``images`` ``(N, D)`` and their
+    ``captions`` (embedded by ``embed``, unit rows), and ``mean_recall_at_1``, the mean of the
+    two Recall@1: what ranks a model of data without classes."""
     # each distinct caption once; an image's captions are those it was given, so that with
     # templated captions every image of a class owns its class's captions
     distinct = sorted({c for own in captions for c in own})
@@ -80,11 +91,14 @@ def image_text_metrics(side: TextSide, features: torch.Tensor, labels: torch.Ten
     owns = torch.zeros(len(images), len(distinct), dtype=torch.bool)
     for i, own in enumerate(captions):
         owns[i, [column[c] for c in own]] = True
-    texts = embed_texts(side, distinct)
+    texts = embed(distinct)
+    metrics = {}
     for direction, found in (
         ("image_to_text", recall_at(images, texts, owns)),
         ("text_to_image", recall_at(texts, images, owns.T)),
     ):
         for k, value in found.items():
             metrics[f"{direction}_recall_at_{k}"] = value
-    return {name: round(value, 6) for name, value in metrics.items()}
+    metrics["mean_recall_at_1"] = (metrics["image_to_text_recall_at_1"]
+                                   + metrics["text_to_image_recall_at_1"]) / 2
+    return metrics

@@ -3,7 +3,8 @@
 Every source (``digits``, ``cifar10``, ``stl10``, ``npz``, ``imagefolder``, ``pairs``) becomes the
 same thing: images resized to ``image_size`` x ``image_size`` RGB, exact duplicates dropped so
 that no image can land in two splits, and a stratified, seeded train/val/test split in which every
-class appears in every split. The output directory holds::
+class appears in every split (a caption file without labels is split as one pool, every ``y``
+:data:`UNLABELLED`, no classes). The output directory holds::
 
     train.npz, val.npz, test.npz   x uint8 (N, H, W, 3), y int64 (N,)
     manifest.json                  classes, counts, train mean/std, content hashes, what was dropped
@@ -38,6 +39,8 @@ from contrastive.files import atomic_path, write_json
 from contrastive.text import TOKENIZER_FILE, load_tokenizer, save_tokenizer, train_tokenizer
 
 SPLITS = ("train", "val", "test")
+UNLABELLED = -1
+"""The ``y`` of every image of data without classes (a caption file with no ``label`` column)."""
 CAPTIONS = "captions.json"
 """``pairs``: ``{split: [[caption, ...] per image]}`` in the prepared folder."""
 TOKENIZER = TOKENIZER_FILE
@@ -56,7 +59,7 @@ class _Loaded:
     """Images as a source delivers them, already converted to the prepared size and RGB."""
 
     x: np.ndarray  # uint8 (N, S, S, 3)
-    y: np.ndarray  # int64 (N,), values in 0..len(classes)-1
+    y: np.ndarray  # int64 (N,), values in 0..len(classes)-1; all UNLABELLED when classes is empty
     classes: list[str]
     is_test: np.ndarray | None = None  # bool (N,): the source's own test split; None if it has none
     skipped: list[dict[str, str]] = field(default_factory=list)
@@ -85,7 +88,11 @@ def prepare(
     keep, duplicates = _deduplicate(loaded.x, loaded.y)
     x, y = loaded.x[keep], loaded.y[keep]
     is_test = None if loaded.is_test is None else loaded.is_test[keep]
-    _check_classes(y, is_test, loaded.classes, where)
+    if loaded.classes:
+        _check_classes(y, is_test, loaded.classes, where)
+    elif len(y) < len(SPLITS):
+        raise ConfigError(f"{where}: {len(y)} distinct readable images; at least "
+                          f"{len(SPLITS)} are needed, one per split")
 
     indices = _split(y, is_test, cfg, seed, loaded.classes)
     arrays = {name: (x[idx], y[idx]) for name, idx in indices.items()}
@@ -110,6 +117,12 @@ def prepare(
             save_tokenizer(train_tokenizer(train_captions, cfg.vocab_size), tmp / TOKENIZER)
         write_json(tmp / "manifest.json", manifest)
     return manifest
+
+
+def has_labels(manifest: dict[str, Any]) -> bool:
+    """Whether the prepared data have classes; only a caption file without a ``label`` column
+    has none, and then only image-text Recall@K can measure a model of it."""
+    return manifest["num_classes"] > 0
 
 
 def load_captions(prepared_dir: str | Path) -> dict[str, list[list[str]]] | None:
@@ -469,13 +482,11 @@ def _load_pairs(cfg: DataConfig, raw_dir: Path) -> _Loaded:
     suffix = Path(cfg.path).suffix.lower() if cfg.path else None
     if suffix in captions.SUFFIXES:
         pairs, x = captions.read_pairs(cfg.path, cfg.image_size)
-        if pairs.labels is None:
-            raise ConfigError(
-                f"data.path: {cfg.path}: no 'label' column; the probe stage (linear probe, kNN, "
-                "zero-shot) needs a class per image, so add one"
-            )
-        classes = sorted(set(pairs.labels))
-        y = np.array([classes.index(label) for label in pairs.labels], dtype=np.int64)
+        if pairs.labels is None:  # the usual layout (COCO, Flickr30k): captions are the labels
+            classes, y = [], np.full(len(x), UNLABELLED, dtype=np.int64)
+        else:
+            classes = sorted(set(pairs.labels))
+            y = np.array([classes.index(label) for label in pairs.labels], dtype=np.int64)
         skipped = [{"reason": reason, "count": str(count)}
                    for reason, count in sorted(pairs.skipped.items())]
         return _Loaded(x, y, classes, skipped=skipped, captions=pairs.captions,
@@ -570,24 +581,25 @@ def _split(
     """Stratified split: per class, a seeded permutation cut into test, val and train.
 
     Each split gets at least one image of each class. When the source has its own test split,
-    only val is cut, as ``val_fraction`` of the training pool. Indices come back sorted, so the
-    order inside a split follows the source.
+    only val is cut, as ``val_fraction`` of the training pool. Data without classes are cut as
+    one pool. Indices come back sorted, so the order inside a split follows the source.
     """
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {name: [] for name in SPLITS}
-    for k, name in enumerate(classes):
+    groups = [(f"class '{name}'", y == k) for k, name in enumerate(classes)]
+    for name, members in groups or [("the data", np.ones(len(y), dtype=bool))]:
         if is_test is None:
-            pool = rng.permutation(np.flatnonzero(y == k))
+            pool = rng.permutation(np.flatnonzero(members))
             n_test = max(1, round(len(pool) * cfg.test_fraction))
         else:
-            pool = rng.permutation(np.flatnonzero((y == k) & ~is_test))
+            pool = rng.permutation(np.flatnonzero(members & ~is_test))
             n_test = 0
-            parts["test"].append(np.flatnonzero((y == k) & is_test))
+            parts["test"].append(np.flatnonzero(members & is_test))
         n_val = max(1, round(len(pool) * cfg.val_fraction))
         if len(pool) - n_test - n_val < 1:
             raise ConfigError(
                 f"data.val_fraction, data.test_fraction: {cfg.val_fraction} and "
-                f"{cfg.test_fraction} leave no training image of class '{name}' "
+                f"{cfg.test_fraction} leave no training image of {name} "
                 f"({len(pool)} images); lower them or add images"
             )
         parts["test"].append(pool[:n_test])
@@ -609,8 +621,9 @@ def _manifest(
 ) -> dict[str, Any]:
     """Everything downstream needs to know about the prepared data; no timestamps."""
     classes = loaded.classes
-    counts = {
-        split: dict(zip(classes, np.bincount(y, minlength=len(classes)).tolist(), strict=True))
+    counts = {  # per class; empty for data without classes
+        split: dict(zip(classes, np.bincount(y[y >= 0], minlength=len(classes)).tolist(),
+                        strict=True))
         for split, (_, y) in arrays.items()
     }
     totals = {split: len(y) for split, (_, y) in arrays.items()}

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from contrastive import retrieval
-from contrastive.config import ModelConfig, Params
+from contrastive.config import ConfigError, ModelConfig, Params
 from contrastive.crossmodal import image_text_metrics
 from contrastive.features import extract_features, knn_scores, resolve_knn_k, topk_accuracy
 from contrastive.models import EncoderInfo, LinearProbe, TextSide, build_encoder, build_text_tower
@@ -212,10 +212,11 @@ def _pixel_features(
 class Evaluation:
     """What :func:`evaluate_encoder` finds: the metrics (pretrained, random-init and raw-pixel
     features side by side), the chosen linear probe, its class for every test image, the test
-    features, and the anomaly scores of each feature set for the histograms."""
+    features, and the anomaly scores of each feature set for the histograms. For data without
+    classes there is no probe (None), no prediction and no anomaly round."""
 
     metrics: dict[str, Any]
-    probe: LinearProbe
+    probe: LinearProbe | None
     predictions: torch.Tensor
     test_features: torch.Tensor
     test_labels: torch.Tensor
@@ -236,28 +237,48 @@ def evaluate_encoder(
     against raw pixels, each with the linear probe, the kNN, retrieval and anomaly detection on
     the ``train``/``val``/``test`` ``splits``; for an image-text model (its ``text`` side and the
     test split's captions), zero-shot classification and cross-modal recall too, against a
-    random-init text side."""
+    random-init text side.
+
+    Data without ``classes`` (captions without labels) have only the cross-modal recall: an
+    image-text model is needed, else :class:`ConfigError`.
+    """
     num_classes = len(classes)
+    image_text = text is not None and test_captions is not None
+    if not classes and not image_text:
+        raise ConfigError("the prepared data have no classes (a caption file without a 'label' "
+                          "column), so only an image-text model can be measured: train.method "
+                          "clip")
     pretrained = _encoder_features(
         encoder, splits, info.mean, info.std, device, params.probe.batch_size, "pretrained"
     )
-    results, probe, predictions = evaluate_features(
-        pretrained, num_classes, params, "probe pretrained"
-    )
+    results: dict[str, Any] = {}
+    probe, predictions = None, torch.empty(0, dtype=torch.long)
+    if classes:
+        results, probe, predictions = evaluate_features(
+            pretrained, num_classes, params, "probe pretrained"
+        )
 
     torch.manual_seed(params.seed)
     random_encoder = build_encoder(ModelConfig(**info.model), info.image_size)
     random_feats = _encoder_features(
         random_encoder, splits, info.mean, info.std, device, params.probe.batch_size, "random-init"
     )
-    random_results, _, _ = evaluate_features(
-        random_feats, num_classes, params, "probe random-init"
-    )
-    pixel_feats = _pixel_features(splits)
-    pixel_results, _, _ = evaluate_features(pixel_feats, num_classes, params, "probe raw pixels")
-
-    compared = ["linear_top1", "knn_top1", "map_at_r", "anomaly_auroc"]
-    if text is not None and test_captions is not None:
+    feature_sets = {"pretrained": (pretrained, results)}
+    compared = []
+    if classes:
+        random_results, _, _ = evaluate_features(
+            random_feats, num_classes, params, "probe random-init"
+        )
+        pixel_feats = _pixel_features(splits)
+        pixel_results, _, _ = evaluate_features(pixel_feats, num_classes, params,
+                                                "probe raw pixels")
+        feature_sets |= {"random init": (random_feats, random_results),
+                         "raw pixels": (pixel_feats, pixel_results)}
+        compared = ["linear_top1", "knn_top1", "map_at_r", "anomaly_auroc"]
+    else:
+        random_results = {}
+        feature_sets["random init"] = (random_feats, random_results)
+    if image_text:
         results.update(image_text_metrics(text, pretrained.test, pretrained.y_test, classes,
                                           test_captions))
         torch.manual_seed(params.seed)
@@ -265,28 +286,26 @@ def evaluate_encoder(
         random_text = TextSide(tower.eval(), text.tokenizer, text.kind, text.config)
         random_results.update(image_text_metrics(random_text, random_feats.test,
                                                  random_feats.y_test, classes, test_captions))
-        compared += ["zero_shot_top1", "image_to_text_recall_at_1", "text_to_image_recall_at_1"]
+        compared += ["zero_shot_top1"] if classes else []
+        compared += ["image_to_text_recall_at_1", "text_to_image_recall_at_1", "mean_recall_at_1"]
 
     histograms = {}
-    for name, feats, found in (("pretrained", pretrained, results),
-                               ("random init", random_feats, random_results),
-                               ("raw pixels", pixel_feats, pixel_results)):
-        uses, rounds = embedding_uses(feats, classes, params.probe.anomaly_k)
-        found.update(uses)
-        histograms[name] = (rounds, uses["anomaly_auroc"])
+    for name, (feats, found) in feature_sets.items():
+        if classes:
+            uses, rounds = embedding_uses(feats, classes, params.probe.anomaly_k)
+            found.update(uses)
+            histograms[name] = (rounds, uses["anomaly_auroc"])
 
-    metrics = {
-        "pretrained": results,
-        "random_init": random_results,
-        "raw_pixels": pixel_results,
-        "gain_over_random": {
-            k: round(results[k] - random_results[k], 6) for k in compared
-        },
-        "knn_k": resolve_knn_k(params.probe.knn_k, pretrained.y_train),
-        "anomaly_k": params.probe.anomaly_k,
-        "n_test": len(pretrained.y_test),
-        "embedding_dim": info.embedding_dim,
+    metrics: dict[str, Any] = {name.replace(" ", "_"): found
+                               for name, (_, found) in feature_sets.items()}
+    metrics["gain_over_random"] = {
+        k: round(results[k] - random_results[k], 6) for k in compared
     }
+    if classes:
+        metrics["knn_k"] = resolve_knn_k(params.probe.knn_k, pretrained.y_train)
+        metrics["anomaly_k"] = params.probe.anomaly_k
+    metrics["n_test"] = len(pretrained.y_test)
+    metrics["embedding_dim"] = info.embedding_dim
     return Evaluation(metrics, probe, predictions, pretrained.test, pretrained.y_test, histograms)
 
 

@@ -13,7 +13,8 @@ An image-text (``clip``) model has two files: the image graph gets a second outp
 makes with the tokenizer saved beside it) -> unit ``text_embeds``.
 
 The model is only returned if onnxruntime reproduces the torch embeddings within ``export.atol``
-and the linear probe predicts the same class from both on every test image; otherwise
+and the linear probe (if the data have classes) predicts the same class from both on every test
+image; otherwise
 :class:`ExportCheckError` is raised and the stage writes nothing.
 """
 
@@ -137,7 +138,7 @@ def _export_and_run(model: nn.Module, example: torch.Tensor, input_name: str,
                     _ort_outputs(session, input_name, output_names, inputs))
 
 
-def export_encoder(encoder: nn.Module, info: EncoderInfo, probe: LinearProbe,
+def export_encoder(encoder: nn.Module, info: EncoderInfo, probe: LinearProbe | None,
                    images: np.ndarray, cfg: ExportConfig,
                    image_head: nn.Module | None = None) -> Exported:
     """Export ``encoder`` (with its preprocessing, and for an image-text model its ``image_head``
@@ -213,10 +214,11 @@ def _exporter_report(run: _Run) -> dict[str, Any]:
     return report
 
 
-def check_inputs(info: EncoderInfo, probe: LinearProbe, images: np.ndarray,
+def check_inputs(info: EncoderInfo, probe: LinearProbe | None, images: np.ndarray,
                  probe_path: str | Path, prepared_dir: str | Path) -> None:
-    """Stop before any work when the encoder, probe and test images do not fit together."""
-    if probe.linear.in_features != info.embedding_dim:
+    """Stop before any work when the encoder, probe (None: data without classes) and test
+    images do not fit together."""
+    if probe is not None and probe.linear.in_features != info.embedding_dim:
         raise ConfigError(f"{probe_path}: probe expects {probe.linear.in_features} features, "
                           f"the encoder gives {info.embedding_dim}; rerun the probe stage")
     expected = (info.image_size, info.image_size, 3)
@@ -352,14 +354,17 @@ def check_close(reference: np.ndarray, candidate: np.ndarray, atol: float, name:
     return max_abs_diff
 
 
-def check_parity(reference: np.ndarray, candidate: np.ndarray, probe: LinearProbe,
+def check_parity(reference: np.ndarray, candidate: np.ndarray, probe: LinearProbe | None,
                  atol: float) -> dict[str, float]:
     """Compare ONNX embeddings (``candidate``) with torch's (``reference``), ``(N, D)`` each.
 
     Raises :class:`ExportCheckError` when the largest absolute difference exceeds ``atol`` (or is
-    NaN) or when the probe's predicted class differs on any image. Returns both figures.
+    NaN) or when the probe's predicted class differs on any image. Returns both figures; only
+    the first without a probe (data without classes).
     """
     max_abs_diff = check_close(reference, candidate, atol, OUTPUT_NAME)
+    if probe is None:
+        return {"max_abs_diff": max_abs_diff}
     with torch.inference_mode():
         predicted = [probe(torch.from_numpy(e)).argmax(dim=1) for e in (reference, candidate)]
     agreement = float((predicted[0] == predicted[1]).double().mean())

@@ -225,17 +225,25 @@ class LinearProbe(nn.Module):
         return self.linear((features - self.feature_mean) / self.feature_std)
 
 
-def save_probe(path: str | Path, probe: LinearProbe) -> None:
-    """Write a probe atomically and synced as ``{"embedding_dim", "num_classes", "state_dict"}``."""
-    dim, classes = probe.linear.in_features, probe.linear.out_features
-    state = {k: v.detach().cpu() for k, v in probe.state_dict().items()}
+def save_probe(path: str | Path, probe: LinearProbe | None, embedding_dim: int) -> None:
+    """Write a probe atomically and synced as ``{"embedding_dim", "num_classes", "state_dict"}``;
+    for data without classes (no probe) ``num_classes`` 0 and no weights, so the file still
+    says what it is."""
+    classes, state = 0, {}
+    if probe is not None:
+        classes = probe.linear.out_features
+        state = {k: v.detach().cpu() for k, v in probe.state_dict().items()}
     with atomic_path(path) as tmp:
-        torch.save({"embedding_dim": dim, "num_classes": classes, "state_dict": state}, tmp)
+        torch.save({"embedding_dim": embedding_dim, "num_classes": classes, "state_dict": state},
+                   tmp)
 
 
-def load_probe(path: str | Path) -> LinearProbe:
-    """Rebuild a probe saved by :func:`save_probe`, in eval mode on the CPU."""
+def load_probe(path: str | Path) -> LinearProbe | None:
+    """Rebuild a probe saved by :func:`save_probe`, in eval mode on the CPU; None when the data
+    had no classes."""
     blob = torch.load(path, map_location="cpu", weights_only=True)
+    if blob["num_classes"] == 0:
+        return None
     probe = LinearProbe(blob["embedding_dim"], blob["num_classes"])
     probe.load_state_dict(blob["state_dict"])
     return probe.eval()

@@ -75,6 +75,17 @@ def plot_confusion(confusion_csv: str | Path, classes: list[str], path: str | Pa
     _save(fig, path)
 
 
+def plot_note(path: str | Path, title: str, note: str) -> None:
+    """A figure that says why a plot has nothing to show (data without classes have no confusion
+    matrix and no leave-one-class-out anomaly rounds): the output still exists, and says so."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 2))
+    ax.set_axis_off()
+    ax.set_title(title)
+    ax.text(0.5, 0.5, note, ha="center", va="center", wrap=True)
+    _save(fig, path)
+
+
 def _save(fig: Any, path: str | Path) -> None:
     """Write matplotlib figure ``fig`` to ``path`` as PNG, atomically, and free it."""
     plt = _pyplot()
@@ -91,7 +102,8 @@ def plot_embedding(
     seed: int,
     tsne_points: int = 1000,
 ) -> dict[str, np.ndarray]:
-    """PCA and t-SNE maps of the test embeddings, coloured by class, side by side.
+    """PCA and t-SNE maps of the test embeddings, coloured by class (one colour when there are
+    no ``classes``), side by side.
 
     PCA maps every embedding; t-SNE, which costs seconds per thousand points where PCA costs
     milliseconds, maps at most ``tsne_points`` of them, drawn with ``seed`` (0: no t-SNE map).
@@ -115,17 +127,17 @@ def plot_embedding(
     scatters = []
     for ax, (name, (xy, colour)) in zip(axes[0], maps.items(), strict=True):
         # One colour scale for both maps, even when the t-SNE subsample lacks a class.
-        scatters.append(
-            ax.scatter(xy[:, 0], xy[:, 1], c=colour, cmap="tab10", vmin=0, vmax=len(classes) - 1,
-                       s=8, alpha=0.8)
-        )
+        by_class = {"c": colour, "cmap": "tab10", "vmin": 0, "vmax": len(classes) - 1}
+        scatters.append(ax.scatter(xy[:, 0], xy[:, 1], s=8, alpha=0.8,
+                                   **(by_class if classes else {})))
         shown = f"{len(xy)} of {len(x)}" if len(xy) < len(x) else f"{len(x)}"
         ax.set_title(f"{name} of test embeddings ({shown} images)")
         ax.set_xticks([])
         ax.set_yticks([])
-    handles = scatters[0].legend_elements(num=None)[0]  # PCA: one per class present
-    names = [classes[k] for k in np.unique(y)]
-    fig.legend(handles, names, loc="center right", title="class", fontsize=8)
+    if classes:
+        handles = scatters[0].legend_elements(num=None)[0]  # PCA: one per class present
+        names = [classes[k] for k in np.unique(y)]
+        fig.legend(handles, names, loc="center right", title="class", fontsize=8)
     fig.tight_layout(rect=(0, 0, 0.92, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})

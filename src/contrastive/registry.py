@@ -9,13 +9,14 @@ Every pipeline state becomes one version of ``registry.model_name``, found again
 
 The gate (:func:`decide`, a pure function) promotes a version only if its top-1 beats the
 champion's by at least ``registry.min_improvement`` on the same evaluation (prepared data and
-probe settings): the linear-probe top-1, or for an image-text (``clip``) model the zero-shot top-1
-(``gate_metric`` names which); models ranked by different figures are not compared. If the
-champion was measured on another evaluation, it is first scored again on this one, through its
-registered ONNX model and the probe stage's own :func:`evaluate_features` (or the prompt
-ensemble of :mod:`contrastive.classify`); if that is impossible the gate refuses. A version whose
-ONNX parity failed or whose metrics are missing is never promoted. The decision and its reason
-are tags on the version (``gate.*``) and go into ``reports/registry.json``.
+probe settings): the linear-probe top-1, or for an image-text (``clip``) model the zero-shot top-1,
+or for one of captions without labels the mean image-text Recall@1 (``gate_metric`` names which);
+models ranked by different figures are not compared. If the champion was measured on another
+evaluation, it is first scored again on this one, through its registered ONNX model and the probe
+stage's own :func:`evaluate_features` (or the prompt ensemble of :mod:`contrastive.classify`, or
+:func:`contrastive.crossmodal.caption_recall`); if that is impossible the gate refuses. A version
+whose ONNX parity failed or whose metrics are missing is never promoted. The decision and its
+reason are tags on the version (``gate.*``) and go into ``reports/registry.json``.
 
 Guarantees. A registration holds the store (:func:`~contrastive.store.registry_lock`) from the
 moment it opens it (which creates the schema of a new one) until its aliases are set, so
@@ -54,7 +55,9 @@ from contrastive.store import (
     tracking_uri,
 )
 from contrastive.tracking import (
+    GATE_LABELS,
     LINEAR,
+    RECALL,
     STATE_TAG,
     ZERO_SHOT,
     RunRecord,
@@ -149,9 +152,9 @@ def decide(candidate: Candidate, champion: Champion | None, min_improvement: flo
     v = champion.version
     if champion.metric != metric:
         return Decision("refused", f"champion v{v} is ranked by {champion.metric}, this version "
-                        f"by {metric} (image-text models by their zero-shot top-1): no fair "
-                        "comparison; champion unchanged (`contrastive registry promote` can "
-                        "choose)", v)
+                        f"by {metric} (image-text models by their zero-shot top-1, or their "
+                        "mean Recall@1 without classes): no fair comparison; champion "
+                        "unchanged (`contrastive registry promote` can choose)", v)
     if candidate.eval_key in champion.top1:
         reference, where = champion.top1[candidate.eval_key], "on the same evaluation data"
     else:
@@ -162,8 +165,7 @@ def decide(candidate: Candidate, champion: Champion | None, min_improvement: flo
                             f"could not be scored on this data ({exc}); champion unchanged", v)
         where = "re-scored on this evaluation data"
     gain = top1 - reference
-    label = "linear top-1" if metric == LINEAR else "zero-shot top-1"
-    comparison = (f"{label} {top1:.4f} vs champion v{v} {reference:.4f} ({where}): "
+    comparison = (f"{GATE_LABELS[metric]} {top1:.4f} vs champion v{v} {reference:.4f} ({where}): "
                   f"{gain:+.4f}")
     if gain >= min_improvement - TOLERANCE:
         return Decision("promoted", f"{comparison} >= registry.min_improvement "
@@ -316,7 +318,8 @@ def rescore_version(name: str, version: str, params: Params,
                     prepared_dir: str | Path = PREPARED, metric: str = LINEAR) -> float:
     """Linear-probe top-1 of registered ``version`` on the prepared data, fitted as the probe
     stage fits it (same splits, settings and seed), or its zero-shot top-1 on the test split
-    with the prepared data's class names; :class:`RescoreError` if impossible."""
+    with the prepared data's class names, or its mean Recall@1 on the test split's captions;
+    :class:`RescoreError` if impossible."""
     import torch
 
     from contrastive.data import SPLITS, load_manifest, load_split
@@ -332,6 +335,8 @@ def rescore_version(name: str, version: str, params: Params,
                                f"the data are {size}x{size}")
         if metric == ZERO_SHOT:
             return _zero_shot_top1(encoder, manifest["classes"], prepared_dir)
+        if metric == RECALL:
+            return _mean_recall_at_1(encoder, prepared_dir)
         splits = {s: load_split(prepared_dir, s) for s in SPLITS}
         features = [torch.from_numpy(encoder.embed(x, params.probe.batch_size))
                     for x, _ in splits.values()]
@@ -355,6 +360,24 @@ def _zero_shot_top1(encoder: Any, classes: list[str], prepared_dir: str | Path) 
     images, labels = load_split(prepared_dir, "test")
     scores = encoder.embed_shared(images) @ label_embeddings(encoder.texts(), classes).T
     return float((scores.argmax(axis=1) == labels).mean())
+
+
+def _mean_recall_at_1(encoder: Any, prepared_dir: str | Path) -> float:
+    """The mean of image-to-text and text-to-image Recall@1 of the test images and captions."""
+    import torch
+
+    from contrastive.crossmodal import caption_recall
+    from contrastive.data import load_captions, load_split
+
+    if encoder.text is None:
+        raise RescoreError("it has no text tower, so no image-text Recall@1")
+    captions = load_captions(prepared_dir)
+    if captions is None:
+        raise RescoreError("the prepared data have no captions")
+    images = torch.from_numpy(encoder.embed_shared(load_split(prepared_dir, "test")[0]))
+    found = caption_recall(images, lambda texts: torch.from_numpy(encoder.texts().embed(texts)),
+                           captions["test"])
+    return float(found[RECALL])
 
 
 # --- the register stage -------------------------------------------------------------------------
@@ -440,17 +463,19 @@ def list_versions(params: Params) -> str:
         aliases: dict[str, list[str]] = {}
         for alias, number in sorted(aliases_of(client, name).items()):
             aliases.setdefault(number, []).append(alias)
-    header = ("version", "aliases", "linear_top1", "knn_top1", "parity", "decision", "git",
-              "run_id")
+    header = ("version", "aliases", "gate", "linear_top1", "knn_top1", "parity", "decision",
+              "git", "run_id")
     rows = [header]
     for v in sorted(versions, key=lambda v: -int(v.version)):
         t = v.tags
         dirty = "+dirty" if t.get("git.dirty") == "true" else ""
+        metric = t.get("gate_metric", LINEAR)
         decision = t.get("gate.decision", "-")
         if "manual.action" in t:
             decision += f"; {t['manual.action']} by {t.get('manual.user', '?')}"
         rows.append((
             str(v.version), ",".join(aliases.get(str(v.version), [])) or "-",
+            f"{metric}={t.get(metric, '-')}",
             t.get("linear_top1", "-"),
             t.get("knn_top1", "-"), "ok" if t.get("parity_ok") == "true" else "FAILED",
             decision,

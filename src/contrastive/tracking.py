@@ -36,8 +36,12 @@ from contrastive.store import logged_params
 TEXT_INFO = f"{paths.TEXT_ONNX_DIR}/text.json"
 TEXT_ONNX = f"{paths.TEXT_ONNX_DIR}/text.onnx"
 """An image-text model's text tower, beside its tokenizer; absent for an image-only model."""
-LINEAR, ZERO_SHOT = "linear_top1", "zero_shot_top1"
-"""The registry gate's figures (``gate_metric``): image-only models, image-text (clip) models."""
+LINEAR, ZERO_SHOT, RECALL = "linear_top1", "zero_shot_top1", "mean_recall_at_1"
+"""The registry gate's figures (``gate_metric``): image-only models, image-text (clip) models,
+image-text models of data without classes (the mean of image-to-text and text-to-image R@1)."""
+GATE_METRICS = (ZERO_SHOT, RECALL, LINEAR)
+"""In the order the gate looks for them in metrics/probe.json."""
+GATE_LABELS = {LINEAR: "linear top-1", ZERO_SHOT: "zero-shot top-1", RECALL: "mean Recall@1"}
 # What the register stage reads: declared as its deps in dvc.yaml, hashed into the state key.
 INPUTS = {
     "manifest": paths.MANIFEST,
@@ -104,8 +108,10 @@ class Snapshot:
     @property
     def gate_metric(self) -> str:
         """What the registry gate ranks this model by: the zero-shot top-1 of an image-text
-        model (its probe measured one), else the linear-probe top-1."""
-        return ZERO_SHOT if ZERO_SHOT in self.metrics["probe"].get("pretrained", {}) else LINEAR
+        model (its probe measured one), its cross-modal Recall@1 when the data have no classes,
+        else the linear-probe top-1."""
+        measured = self.metrics["probe"].get("pretrained", {})
+        return next((metric for metric in GATE_METRICS if metric in measured), LINEAR)
 
     @property
     def gate_top1(self) -> float | None:
@@ -124,7 +130,8 @@ class Snapshot:
     @property
     def parity_ok(self) -> bool:
         """Whether onnxruntime matched torch within ``export.atol`` and the probe agreed fully."""
-        return parity_ok(self.metrics["export"], self.params.export.atol)
+        return parity_ok(self.metrics["export"], self.params.export.atol,
+                         bool(self.manifest.get("classes")))
 
     @property
     def eval_key(self) -> str:
@@ -173,7 +180,8 @@ def state_key(params: Params, manifest: dict[str, Any], metrics: dict[str, dict[
         "encoder": weights_digest(root / INPUTS["encoder"]),
         "onnx": hashlib.sha256((root / INPUTS["onnx"]).read_bytes()).hexdigest(),
         "probe": metrics["probe"],
-        "parity_ok": parity_ok(metrics["export"], params.export.atol),
+        "parity_ok": parity_ok(metrics["export"], params.export.atol,
+                               bool(manifest.get("classes"))),
         "params": {key: value for key, value in flatten(params).items()
                    if key.split(".")[0] not in ("registry", "schedule")},
         "data_hash": manifest.get("data_hash"),
@@ -195,11 +203,12 @@ def weights_digest(encoder_path: Path) -> str:
     return digest.hexdigest()
 
 
-def parity_ok(export: dict[str, Any], atol: float) -> bool:
+def parity_ok(export: dict[str, Any], atol: float, labelled: bool = True) -> bool:
     """Whether metrics/export.json says onnxruntime matched torch within ``atol`` and the probe
-    agreed on every image; for an image-text model, on its ``image_embeds`` and its text tower
-    too."""
-    diff, agreement = export.get("max_abs_diff"), export.get("prediction_agreement")
+    agreed on every image (data without classes have no probe: not ``labelled``); for an
+    image-text model, on its ``image_embeds`` and its text tower too."""
+    diff = export.get("max_abs_diff")
+    agreement = export.get("prediction_agreement") if labelled else 1.0
     if not isinstance(diff, int | float) or not isinstance(agreement, int | float):
         return False
     diffs = [diff]
@@ -444,6 +453,26 @@ embeddings), each class in turn left out of train and taken as the anomaly among
 """
 
 
+def image_text_section(probe: dict[str, Any]) -> str:
+    """The model card's zero-shot and image-text recall table of an image-text model, next to
+    random-init towers (empty for an image-only model)."""
+    present = [(name, probe[key]) for name, key in FEATURE_SETS
+               if RECALL in probe.get(key, {})]
+    if not present:
+        return ""
+    columns = ("zero_shot_top1", "zero_shot_top5", "image_to_text_recall_at_1",
+               "image_to_text_recall_at_5", "text_to_image_recall_at_1",
+               "text_to_image_recall_at_5", RECALL)
+    rows = "\n".join(f"| {name} | " + " | ".join(
+        f"{m[c]:.4f}" if c in m else "-" for c in columns) + " |" for name, m in present)
+    return f"""
+## Image-text (test split; zero-shot: class names in CLIP's prompt templates)
+| towers | zero-shot top-1 | top-5 | image-to-text R@1 | R@5 | text-to-image R@1 | R@5 | mean R@1 |
+|---|---|---|---|---|---|---|---|
+{rows}
+"""
+
+
 def model_card(snapshot: Snapshot, run_id: str) -> str:
     """A Markdown card: what the model is, what it was trained on, how good it is, how to use it."""
     p, m, metrics = snapshot.params, snapshot.manifest, snapshot.metrics
@@ -451,11 +480,19 @@ def model_card(snapshot: Snapshot, run_id: str) -> str:
     latency = snapshot.reports["export"].get("latency_ms", {})
     rows = "\n".join(
         f"| {name} | {probe[key]['linear_top1']:.4f} | {probe[key]['knn_top1']:.4f} |"
-        for name, key in (("pretrained", "pretrained"), ("random init", "random_init"),
-                          ("raw pixels", "raw_pixels"))
-        if key in probe
+        for name, key in FEATURE_SETS if LINEAR in probe.get(key, {})
     )
+    quality = f"""
+## Quality (frozen features, test split)
+| features | linear top-1 | kNN top-1 |
+|---|---|---|
+{rows}
+
+kNN k = {probe.get('knn_k')}.
+""" if rows else ""
     tags, size, classes = snapshot.tags, m.get("image_size"), m.get("classes", [])
+    described = (f"{m.get('num_classes')} classes: {', '.join(map(str, classes))}" if classes
+                 else "no classes (captions without labels)")
     return f"""# {p.registry.model_name}
 
 A {p.model.encoder} image encoder pretrained with {p.train.method.upper()} (contrastive, no labels)
@@ -465,7 +502,7 @@ of the ONNX graph, and its metadata holds everything a consumer needs; `contrast
 image files to {size}x{size} first.
 
 ## Data
-- source `{m.get('source')}`, {m.get('num_classes')} classes: {', '.join(map(str, classes))}
+- source `{m.get('source')}`, {described}
 - images per split: {json.dumps(m.get('totals', {}))}
 - data hash `{m.get('data_hash')}`
 
@@ -473,18 +510,11 @@ image files to {size}x{size} first.
 - {p.train.epochs} epochs, batch {p.train.batch_size}, {p.train.optimizer} lr {p.train.lr},
   temperature {p.train.temperature}, seed {p.seed}, device {tags.get('device')}
 - final contrastive loss {metrics['pretrain'].get('final_loss')}
-
-## Quality (frozen features, test split)
-| features | linear top-1 | kNN top-1 |
-|---|---|---|
-{rows}
-
-kNN k = {probe.get('knn_k')}.
-{uses_section(probe)}
+{quality}{image_text_section(probe)}{uses_section(probe)}
 
 ## Export
 - ONNX max abs difference to torch {export.get('max_abs_diff')}, probe agreement
-  {export.get('prediction_agreement')}
+  {export.get('prediction_agreement') if classes else 'none (no classes, no probe)'}
 - latency ms, onnxruntime vs torch: batch 1 {latency.get('ort_b1')} vs {latency.get('torch_b1')},
   batch 256 {latency.get('ort_b256')} vs {latency.get('torch_b256')}
 

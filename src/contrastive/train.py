@@ -43,6 +43,7 @@ from contrastive.callbacks import (
 from contrastive.config import ConfigError, Params, params_hash
 from contrastive.data import (
     MappedArray,
+    has_labels,
     load_captions,
     load_manifest,
     load_prepared_tokenizer,
@@ -174,6 +175,11 @@ def check_pretrain(
             f"train.method: 'clip' learns from image-caption pairs, but the prepared data "
             f"(data.source '{manifest['source']}') has no captions; use data.source: pairs"
         )
+    if not has_labels(manifest) and cfg.method != "clip":
+        raise ConfigError(
+            f"train.method: '{cfg.method}' is measured with classes, but the prepared captions "
+            "have no 'label' column; use clip (measured by image-text Recall@K), or add labels"
+        )
     if world_size > 1:
         distributed.check_world(params, world_size)
     if cfg.backend == "nccl":
@@ -217,8 +223,10 @@ def collapse_reason(spread: float, knn_top1: float | None, val_labels: np.ndarra
     no better than always answering the most common class."""
     if spread < MIN_SPREAD:
         return f"embedding spread {spread:.3f} < {MIN_SPREAD}: the images map to nearly one point"
+    if knn_top1 is None:
+        return None
     majority = np.bincount(val_labels).max() / len(val_labels)
-    if knn_top1 is not None and knn_top1 <= majority + 0.02:
+    if knn_top1 <= majority + 0.02:
         return f"kNN top-1 {knn_top1:.3f} is at chance (most common class: {majority:.3f})"
     return None
 
@@ -408,9 +416,11 @@ def pretrain(
     checkpointer.resume(state, runtime.device, announce=world.is_main)
     own: list[Callback] = []
     if world.is_main:  # rank 0 alone monitors, shows progress, writes and tracks
+        labelled = has_labels(manifest)  # without classes: the embedding spread alone
         monitor = KnnMonitor(
-            params.train.knn_every, data.train, data.val, manifest["mean"], manifest["std"],
-            runtime, manifest["num_classes"], resolve_knn_k(probe.knn_k, data.train[1]),
+            params.train.knn_every if labelled else 0, data.train, data.val, manifest["mean"],
+            manifest["std"], runtime, manifest["num_classes"],
+            resolve_knn_k(probe.knn_k, data.train[1]) if labelled else 0,
             probe.knn_temperature, probe.batch_size,
         )
         own += [monitor, ProgressBar(), checkpointer]
