@@ -242,6 +242,10 @@ def test_the_registered_model_serves_images_texts_and_both(clip_run: Path) -> No
     np.testing.assert_allclose(both["image_embeds"], local.embed_shared(x), atol=1e-6)
     np.testing.assert_allclose(both["similarity"], both["image_embeds"] @ both["text_embeds"].T,
                                atol=1e-6)
+    # CLIP's logits: the similarity over the temperature the run ended with
+    temperature = json.loads(Path("metrics/pretrain.json").read_text())["temperature"]
+    np.testing.assert_allclose(both["logits_per_image"], both["similarity"] / temperature,
+                               rtol=1e-4)
     assert both["neighbour_index"].shape == (3, 2)
     assert set(served.predict(x)) == {"embeddings", "image_embeds"}  # images alone, as before
     for bad, says in (({"captions": texts}, "'images' and 'texts'"),
@@ -282,6 +286,16 @@ def test_classify_names_the_nearest_prompt_ensemble(clip_run: Path,
     assert [got[f.name]["label"] for f in files] == [labels[k] for k in want]
     assert all(len(p["top"]) == 3 and p["top"][0]["cosine"] >= p["top"][1]["cosine"]
                for p in result["predictions"])
+    # probabilities: CLIP's softmax over all labels of cosine / the learned temperature
+    temperature = json.loads(Path("metrics/pretrain.json").read_text())["temperature"]
+    probabilities = ((images @ classes.T) / temperature).softmax(dim=1)
+    for i, file in enumerate(files):
+        for entry in got[file.name]["top"]:
+            assert entry["probability"] == pytest.approx(
+                probabilities[i, labels.index(entry["label"])].item(), abs=1e-3)
+    assert main(["classify", "--labels", ",".join(labels), str(files[0])]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split() == ["label", "cosine", "prob", "image"] and len(row.split()) == 4
 
 
 def test_text_search_ranks_the_gallery_by_cosine_with_the_sentence(

@@ -44,30 +44,49 @@ def label_embeddings(text: TextEncoder, names: Sequence[str]) -> np.ndarray:
 
 def classify(model: str, labels: str, inputs: Sequence[str], top: int = 1,
              batch_size: int = 256) -> dict[str, Any]:
-    """``contrastive classify``: each image's ``top`` labels, best first, with their cosine."""
+    """``contrastive classify``: each image's ``top`` labels, best first, with their cosine and,
+    when the model records its logit scale, their probability (CLIP's softmax over the labels of
+    cosine x scale)."""
     names = parse_labels(labels)
     files = list_images(inputs)
     encoder = load_model(model)
-    classes = label_embeddings(encoder.texts(), names)
+    text = encoder.texts()
+    classes = label_embeddings(text, names)
     embedded = embed_files(encoder, files, batch_size, output=encoder.search_space)
     scores = embedded.embeddings @ classes.T  # (N, C) cosine: both sides are unit vectors
+    probabilities = None if text.logit_scale is None else softmax(text.logit_scale * scores)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :min(top, len(names))]
-    predictions = [
-        {"image": str(path), "label": names[row[0]],
-         "top": [{"label": names[j], "cosine": round(float(s[j]), 6)} for j in row]}
-        for path, row, s in zip(embedded.files, order, scores, strict=True)
-    ]
+    predictions = []
+    for i, (path, row) in enumerate(zip(embedded.files, order, strict=True)):
+        ranked = [{"label": names[j], "cosine": round(float(scores[i, j]), 6)} for j in row]
+        if probabilities is not None:
+            for entry, j in zip(ranked, row, strict=True):
+                entry["probability"] = round(float(probabilities[i, j]), 6)
+        predictions.append({"image": str(path), "label": names[row[0]], "top": ranked})
     return {"model": model, "labels": names, "predictions": predictions,
             "skipped": embedded.skipped}
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, shifted by each row's maximum so that large logits do not overflow."""
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
 def format_predictions(result: dict[str, Any]) -> str:
-    """The predictions as a table: the image, its label and cosine, then any runners-up."""
+    """The predictions as a table: the image, its label, cosine and probability (when known),
+    then any runners-up."""
     width = max(len(name) for name in [*result["labels"], "label"])
-    lines = [f"{'label':<{width}}  cosine  image"]
+    known = all("probability" in p["top"][0] for p in result["predictions"])
+
+    def figures(entry: dict[str, Any]) -> str:
+        cosine = f"{entry['cosine']:6.4f}"
+        return f"{cosine}  {entry['probability']:6.4f}" if known else cosine
+
+    lines = [f"{'label':<{width}}  cosine  " + ("prob    " if known else "") + "image"]
     for p in result["predictions"]:
         best = p["top"][0]
-        others = ", ".join(f"{t['label']} {t['cosine']:.4f}" for t in p["top"][1:])
-        lines.append(f"{best['label']:<{width}}  {best['cosine']:6.4f}  {p['image']}"
+        others = ", ".join(f"{t['label']} {figures(t).replace('  ', ' ')}" for t in p["top"][1:])
+        lines.append(f"{best['label']:<{width}}  {figures(best)}  {p['image']}"
                      + (f"  ({others})" if others else ""))
     return "\n".join(lines)

@@ -11,6 +11,7 @@ resized to the model's input size); a file that does not decode is reported and 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -29,6 +30,7 @@ from contrastive.export import (
     INPUT_NAME,
     OUTPUT_NAME,
     TEXT_EMBEDS,
+    TEXT_INFO_FILE,
     TEXT_ONNX_FILE,
     TOKENS_NAME,
     onnx_metadata,
@@ -49,6 +51,9 @@ class TextEncoder:
 
     session: Any  # onnxruntime.InferenceSession
     tokenizer: Any  # tokenizers.Tokenizer
+    logit_scale: float | None = None
+    """1 / the learned temperature (``text.json``): cosine x scale are CLIP's logits; None when
+    the model does not say (exported before it was recorded)."""
 
     def embed(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """Unit embeddings ``float32 (N, D)`` of ``texts``, in the space of ``image_embeds``."""
@@ -173,7 +178,10 @@ def _open(onnx_path: Path, text_path: Path | None, source: str) -> Encoder:
         tokenizer = text_path.parent / TOKENIZER_FILE
         if not tokenizer.is_file():
             raise ConfigError(f"--model {source}: {TOKENIZER_FILE} missing beside {TEXT_ONNX_FILE}")
-        text = TextEncoder(_session(text_path, source), Tokenizer.from_file(str(tokenizer)))
+        info = text_path.parent / TEXT_INFO_FILE
+        scale = json.loads(info.read_text()).get("logit_scale") if info.is_file() else None
+        text = TextEncoder(_session(text_path, source), Tokenizer.from_file(str(tokenizer)),
+                           scale)
     return Encoder(session, size, source, str(params_hash) if params_hash else None, text,
                    list(metadata.get("classes") or []))
 

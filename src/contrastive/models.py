@@ -163,6 +163,9 @@ class TextSide:
     kind: str
     """``model.text_encoder``: transformer or gru."""
     config: TextConfig
+    logit_scale: float | None = None
+    """1 / the learned temperature, CLIP's logit scale: cosine x scale are the logits whose
+    softmax over labels gives zero-shot probabilities. None for a side not trained (random-init)."""
 
 
 def save_encoder(path: str | Path, encoder: nn.Module, info: EncoderInfo,
@@ -173,7 +176,8 @@ def save_encoder(path: str | Path, encoder: nn.Module, info: EncoderInfo,
     if text is not None:
         blob["text"] = {"kind": text.kind, "config": text.config.model_dump(mode="json"),
                         "vocab_size": text.tokenizer.get_vocab_size(),
-                        "tokenizer": text.tokenizer.to_str(), "state_dict": _cpu_state(text.tower)}
+                        "tokenizer": text.tokenizer.to_str(), "state_dict": _cpu_state(text.tower),
+                        "logit_scale": text.logit_scale}
     with atomic_path(path) as tmp:
         torch.save(blob, tmp)
 
@@ -188,7 +192,8 @@ def load_text_side(path: str | Path) -> TextSide | None:
     config = TextConfig(**text["config"])
     tower = build_text_tower(info, text["kind"], config, text["vocab_size"])
     tower.load_state_dict(text["state_dict"])
-    return TextSide(tower.eval(), Tokenizer.from_str(text["tokenizer"]), text["kind"], config)
+    return TextSide(tower.eval(), Tokenizer.from_str(text["tokenizer"]), text["kind"], config,
+                    text.get("logit_scale"))
 
 
 def build_text_tower(info: EncoderInfo, kind: str, config: TextConfig,

@@ -15,11 +15,14 @@ An image-text (``clip``) model has a third artifact, ``text``: the text tower's 
 (``text.onnx`` and the ``tokenizer.json`` that truncates and pads for it, so the service needs
 the tokenizers library too). It takes ``{"images": ...}``, ``{"texts": [...]}`` or both: images
 also get ``image_embeds``, texts ``text_embeds`` (unit vectors in one space), and both together
-``similarity``, the cosine of every image with every text ``(N_images, N_texts)``.
+``similarity``, the cosine of every image with every text ``(N_images, N_texts)``, and
+``logits_per_image``, CLIP's logits (similarity x the ``logit_scale`` of ``text.json``, 1 / the
+learned temperature; their softmax over the texts gives zero-shot probabilities).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +47,7 @@ class EncoderService(mlflow.pyfunc.PythonModel):
             self.labels = reference["labels"]
             self.k = int(reference["k"])
             self.threshold = float(reference["threshold"])
-        self.text = self.tokenizer = None
+        self.text = self.tokenizer = self.logit_scale = None
         if "text" in context.artifacts:
             from tokenizers import Tokenizer
 
@@ -52,6 +55,8 @@ class EncoderService(mlflow.pyfunc.PythonModel):
             self.text = ort.InferenceSession(str(folder / "text.onnx"),
                                              providers=["CPUExecutionProvider"])
             self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            info = json.loads((folder / "text.json").read_text())
+            self.logit_scale = info.get("logit_scale")
 
     def predict(self, context, model_input, params=None):
         """See the module docstring. No type hints: MLflow would read them as the input schema
@@ -70,6 +75,8 @@ class EncoderService(mlflow.pyfunc.PythonModel):
             out.update(self._embed_images(np.asarray(images, dtype=np.uint8), params))
         if "text_embeds" in out and "image_embeds" in out:
             out["similarity"] = out["image_embeds"] @ out["text_embeds"].T
+            if self.logit_scale is not None:  # CLIP's logits_per_image
+                out["logits_per_image"] = self.logit_scale * out["similarity"]
         return out
 
     def _embed_texts(self, texts):

@@ -444,7 +444,9 @@ def pretrain(
     tower = state.method.text_tower()
     text = None
     if tower is not None and data.tokenizer is not None:
-        text = TextSide(tower, data.tokenizer, params.model.text_encoder, params.model.text)
+        scale = 1 / float(state.method.temperature().detach())
+        text = TextSide(tower, data.tokenizer, params.model.text_encoder, params.model.text,
+                        round(scale, 6))
     if state.epoch < params.train.epochs or not world.is_main:
         return Trained(state, {}, {}, info, text)
     metrics, report = summarize(

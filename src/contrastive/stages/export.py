@@ -87,7 +87,10 @@ def write_text_folder(folder: Path, side: TextSide | None, text: Exported | None
     write_json(folder / TEXT_INFO_FILE, {
         "text_tower": side.kind, "onnx": TEXT_ONNX_FILE, "tokenizer": TOKENIZER_FILE,
         "context_length": side.config.context_length,
+        "logit_scale": side.logit_scale,
         "input": "int64 (N, context_length): [SOS] tokens [EOS], right-padded with 0, as "
                  "tokenizer.json's encode_batch gives them (it truncates and pads)",
         "output": "float32 (N, D) unit text_embeds; compare with the image model's image_embeds",
+        "logits": "logit_scale x cosine (1 / the learned temperature, as CLIP's logits); their "
+                  "softmax over labels gives zero-shot probabilities",
     })
