@@ -263,21 +263,19 @@ def evaluate_encoder(
     random_feats = _encoder_features(
         random_encoder, splits, info.mean, info.std, device, params.probe.batch_size, "random-init"
     )
-    feature_sets = {"pretrained": (pretrained, results)}
+    random_results: dict[str, Any] = {}
+    feature_sets = {"pretrained": (pretrained, results),
+                    "random init": (random_feats, random_results)}
     compared = []
     if classes:
-        random_results, _, _ = evaluate_features(
+        random_results.update(evaluate_features(
             random_feats, num_classes, params, "probe random-init"
-        )
+        )[0])
         pixel_feats = _pixel_features(splits)
         pixel_results, _, _ = evaluate_features(pixel_feats, num_classes, params,
                                                 "probe raw pixels")
-        feature_sets |= {"random init": (random_feats, random_results),
-                         "raw pixels": (pixel_feats, pixel_results)}
+        feature_sets["raw pixels"] = (pixel_feats, pixel_results)
         compared = ["linear_top1", "knn_top1", "map_at_r", "anomaly_auroc"]
-    else:
-        random_results = {}
-        feature_sets["random init"] = (random_feats, random_results)
     if image_text:
         results.update(image_text_metrics(text, pretrained.test, pretrained.y_test, classes,
                                           test_captions))
@@ -290,11 +288,10 @@ def evaluate_encoder(
         compared += ["image_to_text_recall_at_1", "text_to_image_recall_at_1", "mean_recall_at_1"]
 
     histograms = {}
-    for name, (feats, found) in feature_sets.items():
-        if classes:
-            uses, rounds = embedding_uses(feats, classes, params.probe.anomaly_k)
-            found.update(uses)
-            histograms[name] = (rounds, uses["anomaly_auroc"])
+    for name, (feats, found) in feature_sets.items() if classes else ():
+        uses, rounds = embedding_uses(feats, classes, params.probe.anomaly_k)
+        found.update(uses)
+        histograms[name] = (rounds, uses["anomaly_auroc"])
 
     metrics: dict[str, Any] = {name.replace(" ", "_"): found
                                for name, (_, found) in feature_sets.items()}
