@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -127,17 +128,25 @@ def test_prepare_captions_the_digits_with_the_templates(workspace: Path) -> None
     assert load_captions("data/prepared") is None
 
 
+@contextmanager
+def every_stage(root: Path, mlflow_template: Path) -> Iterator[None]:
+    """Run the five stages in ``root`` (its params.yaml) into its own MLflow store; the folder
+    and the store stay set until the context ends."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", new_store(mlflow_template, root / "store"))
+        for stage in ("prepare", "pretrain", "probe", "export", "register"):
+            assert main([stage]) == 0, stage
+        yield
+
+
 @pytest.fixture(scope="module")
 def clip_run(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> Iterator[Path]:
     """Every stage with clip on the captioned digits, once for the tests, into the run's own
     MLflow store (set for the tests that use the fixture)."""
     root = tmp_path_factory.mktemp("clip")
     write_params(root, CLIP)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", new_store(mlflow_template, root / "store"))
-        for stage in ("prepare", "pretrain", "probe", "export", "register"):
-            assert main([stage]) == 0, stage
+    with every_stage(root, mlflow_template):
         yield root
 
 
@@ -367,8 +376,7 @@ def write_unlabelled_captions(folder: Path, count: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def unlabelled_run(tmp_path_factory: pytest.TempPathFactory,
-                   mlflow_template: Path) -> Iterator[Path]:
+def unlabelled_run(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> Path:
     """Every stage with clip on a caption file without labels, into the run's own MLflow store
     (the folder and the store are set only while the stages run: the tests read the files)."""
     root = tmp_path_factory.mktemp("unlabelled")
@@ -377,12 +385,9 @@ def unlabelled_run(tmp_path_factory: pytest.TempPathFactory,
     write_params(root, {**CLIP, "data": {"source": "pairs", "path": "pairs/captions.tsv",
                                          "vocab_size": 300, "image_size": 8},
                         "train": {**CLIP["train"], "batch_size": 64, "epochs": 20}})
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", new_store(mlflow_template, root / "store"))
-        for stage in ("prepare", "pretrain", "probe", "export", "register"):
-            assert main([stage]) == 0, stage
-    yield root
+    with every_stage(root, mlflow_template):
+        pass
+    return root
 
 
 def test_captions_without_labels_are_split_as_one_pool(unlabelled_run: Path) -> None:
